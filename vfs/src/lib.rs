@@ -1,0 +1,1014 @@
+//! The platform-neutral drive: every file operation over the watch set (the backing folder).
+//!
+//! It knows nothing of fuser or WinFsp: adapters translate kernel or WinFsp requests into calls
+//! on [`Vfs`] and map [`VfsError`] to their platform's codes. Locks (before write opens) and
+//! replication (on release and namespace changes) will hook in here, so both platforms share
+//! them.
+//!
+//! The drive keeps a node table (node id → `O_PATH` fd of the backing inode) and performs every
+//! operation with fd-relative `*at` calls, never with path strings: that is what keeps
+//! open-but-unlinked files, renamed ancestors of open handles and PATH_MAX-long paths working.
+//! Node ids are the backing inode numbers (root = 1). While the kernel holds a node, its `O_PATH`
+//! fd pins the inode, so the number cannot be reused for another file: ids are stable and unique
+//! for as long as the kernel can name them.
+
+mod error;
+mod stats;
+mod sys;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use peerfs_proto::RelPath;
+
+pub use error::{Errno, Result, VfsError};
+pub use stats::Stats;
+use stats::{Counters, add, bump};
+use sys::{CallerCreds, ProcPath, cname};
+
+/// A node id as the kernel knows it.
+pub type NodeId = u64;
+/// The root of the drive.
+pub const ROOT: NodeId = 1;
+
+/// First id handed to inodes whose number cannot serve as their id (another device mounted
+/// inside the watch set, or inode number 1 below the root).
+const FOREIGN_BASE: NodeId = 1 << 56;
+
+/// What kind of object a node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileKind {
+    fn from_mode(mode: u32) -> FileKind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            _ => FileKind::File,
+        }
+    }
+
+    fn from_dirent(d_type: u8) -> Option<FileKind> {
+        Some(match d_type {
+            libc::DT_REG => FileKind::File,
+            libc::DT_DIR => FileKind::Dir,
+            libc::DT_LNK => FileKind::Symlink,
+            libc::DT_FIFO => FileKind::Fifo,
+            libc::DT_SOCK => FileKind::Socket,
+            libc::DT_CHR => FileKind::CharDevice,
+            libc::DT_BLK => FileKind::BlockDevice,
+            _ => return None,
+        })
+    }
+}
+
+/// Attributes of a node, as the backing filesystem reports them (with the drive's node id as
+/// inode number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: NodeId,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky.
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// Who is asking: the credentials the kernel attached to the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// A time to set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// The attributes a setattr changes; `None` leaves one alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// `renameat2` flags (values as on Linux).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags(pub u32);
+
+impl RenameFlags {
+    pub const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+    pub const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+    pub const WHITEOUT: u32 = libc::RENAME_WHITEOUT;
+}
+
+/// One directory entry; `offset` is the cookie that resumes listing after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub offset: u64,
+    pub kind: FileKind,
+    pub name: OsString,
+}
+
+/// File system statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// The answer to an xattr get or list: the size asked for (buffer size 0), or the bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+/// Settings of a drive.
+#[derive(Clone, Debug)]
+pub struct VfsConfig {
+    /// The watch set: the folder the drive shows.
+    pub backing: PathBuf,
+}
+
+struct Node {
+    fd: Arc<OwnedFd>,
+    kind: FileKind,
+    /// References the kernel holds (lookups not yet forgotten).
+    refs: u64,
+    /// (dev, ino) for nodes with a foreign id, so the id can be released.
+    foreign_key: Option<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct NodeTable {
+    nodes: HashMap<NodeId, Node>,
+    foreign: HashMap<(u64, u64), NodeId>,
+    next_foreign: NodeId,
+}
+
+/// An open file.
+pub struct FileHandle {
+    fd: OwnedFd,
+    node: NodeId,
+}
+
+impl FileHandle {
+    /// The backing file, for adapters that hand it to the kernel (FUSE passthrough).
+    pub fn backing_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The node this handle was opened on.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+}
+
+struct DirHandle {
+    fd: OwnedFd,
+    /// Snapshot taken when listing starts at offset 0; offsets index into it.
+    entries: Mutex<Vec<sys::RawDirEntry>>,
+}
+
+/// An open file's handle number plus what adapters need to decide how to serve it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+}
+
+/// The drive.
+pub struct Vfs {
+    root_fd: Arc<OwnedFd>,
+    root_dev: u64,
+    root_ino: u64,
+    nodes: RwLock<NodeTable>,
+    files: RwLock<HashMap<u64, Arc<FileHandle>>>,
+    dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    counters: Counters,
+}
+
+const O_PATH_FLAGS: i32 = libc::O_PATH | libc::O_NOFOLLOW;
+
+impl Vfs {
+    /// Opens the backing folder.
+    pub fn new(cfg: VfsConfig) -> Result<Vfs> {
+        let setup = |what: &str, e: VfsError| VfsError::Setup {
+            what: format!("{what} {}", cfg.backing.display()),
+            source: match e {
+                VfsError::Os(errno) => std::io::Error::from_raw_os_error(errno.0),
+                other => std::io::Error::other(other.to_string()),
+            },
+        };
+        let path = cname(cfg.backing.as_os_str()).map_err(|e| setup("backing folder", e))?;
+        let root = sys::open_path(&path, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(|e| setup("cannot open backing folder", e))?;
+        let st = sys::fstat(root.as_fd()).map_err(|e| setup("cannot stat backing folder", e))?;
+        let root_fd = Arc::new(root);
+        let mut table = NodeTable {
+            next_foreign: FOREIGN_BASE,
+            ..Default::default()
+        };
+        table.nodes.insert(
+            ROOT,
+            Node {
+                fd: root_fd.clone(),
+                kind: FileKind::Dir,
+                refs: 1,
+                foreign_key: None,
+            },
+        );
+        Ok(Vfs {
+            root_fd,
+            root_dev: st.st_dev,
+            root_ino: st.st_ino,
+            nodes: RwLock::new(table),
+            files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Counters for `peerfs status`.
+    pub fn stats(&self) -> Stats {
+        let handles = (self.files.read().len() + self.dirs.read().len()) as u64;
+        let nodes = self.nodes.read().nodes.len() as u64;
+        self.counters.snapshot(handles, nodes)
+    }
+
+    fn count<T>(&self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            bump(&self.counters.errors);
+        }
+        r
+    }
+
+    // ---- node table ----------------------------------------------------------------------
+
+    fn node(&self, id: NodeId) -> Result<(Arc<OwnedFd>, FileKind)> {
+        if id == ROOT {
+            return Ok((self.root_fd.clone(), FileKind::Dir));
+        }
+        let table = self.nodes.read();
+        let node = table.nodes.get(&id).ok_or(VfsError::UnknownNode(id))?;
+        Ok((node.fd.clone(), node.kind))
+    }
+
+    fn node_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>> {
+        self.node(id).map(|(fd, _)| fd)
+    }
+
+    /// Records one kernel reference to the inode behind `fd` and returns its attributes.
+    fn remember(&self, fd: OwnedFd, st: &libc::stat) -> Attr {
+        let kind = FileKind::from_mode(st.st_mode);
+        let key = (st.st_dev, st.st_ino);
+        let mut table = self.nodes.write();
+        let id = if key == (self.root_dev, self.root_ino) {
+            ROOT
+        } else if st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < FOREIGN_BASE {
+            st.st_ino
+        } else if let Some(id) = table.foreign.get(&key) {
+            *id
+        } else {
+            let id = table.next_foreign;
+            table.next_foreign += 1;
+            table.foreign.insert(key, id);
+            id
+        };
+        let foreign_key = (id >= FOREIGN_BASE).then_some(key);
+        table
+            .nodes
+            .entry(id)
+            .and_modify(|n| n.refs += 1)
+            .or_insert_with(|| Node {
+                fd: Arc::new(fd),
+                kind,
+                refs: 1,
+                foreign_key,
+            });
+        attr_from_stat(id, st)
+    }
+
+    /// Looks `name` up in `parent` and records a kernel reference to it.
+    fn lookup_ref(&self, parent_fd: BorrowedFd<'_>, name: &OsStr) -> Result<Attr> {
+        let name = cname(name)?;
+        let fd = sys::openat(parent_fd, &name, O_PATH_FLAGS, 0)?;
+        let st = sys::fstat(fd.as_fd())?;
+        Ok(self.remember(fd, &st))
+    }
+
+    /// Looks `name` up in `parent`; the kernel now holds one more reference to the result.
+    pub fn lookup(&self, parent: NodeId, name: &OsStr) -> Result<Attr> {
+        bump(&self.counters.lookups);
+        let r = self
+            .node_fd(parent)
+            .and_then(|pfd| self.lookup_ref(pfd.as_fd(), name));
+        // A missing name is the common answer to a lookup, not an error worth counting.
+        if !matches!(&r, Err(VfsError::Os(Errno(libc::ENOENT)))) {
+            return self.count(r);
+        }
+        r
+    }
+
+    /// Resolves a path from the root (for path-based adapters such as WinFsp). The kernel-style
+    /// reference is taken on the final node only.
+    pub fn resolve(&self, path: &RelPath) -> Result<Attr> {
+        let mut current = self.getattr(ROOT, None)?;
+        let mut first = true;
+        for component in path.components() {
+            let next = self.lookup(current.ino, component);
+            if !first {
+                self.forget(current.ino, 1);
+            }
+            current = next?;
+            first = false;
+        }
+        if first {
+            // The root: take the reference the caller will forget.
+            let mut table = self.nodes.write();
+            if let Some(n) = table.nodes.get_mut(&ROOT) {
+                n.refs += 1;
+            }
+        }
+        Ok(current)
+    }
+
+    /// Drops `n` kernel references to `id`.
+    pub fn forget(&self, id: NodeId, n: u64) {
+        if id == ROOT {
+            return;
+        }
+        let mut table = self.nodes.write();
+        let Some(node) = table.nodes.get_mut(&id) else {
+            tracing::debug!(id, "forget of an unknown node");
+            return;
+        };
+        node.refs = node.refs.saturating_sub(n);
+        if node.refs == 0 {
+            if let Some(node) = table.nodes.remove(&id) {
+                if let Some(key) = node.foreign_key {
+                    table.foreign.remove(&key);
+                }
+            }
+        }
+    }
+
+    // ---- attributes ----------------------------------------------------------------------
+
+    pub fn getattr(&self, id: NodeId, fh: Option<u64>) -> Result<Attr> {
+        bump(&self.counters.getattrs);
+        let r = (|| {
+            let st = match fh.and_then(|fh| self.files.read().get(&fh).cloned()) {
+                Some(h) => sys::fstat(h.fd.as_fd())?,
+                None => sys::fstat(self.node_fd(id)?.as_fd())?,
+            };
+            Ok(attr_from_stat(id, &st))
+        })();
+        self.count(r)
+    }
+
+    pub fn setattr(&self, id: NodeId, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
+        bump(&self.counters.setattrs);
+        let r = (|| {
+            let (fd, kind) = self.node(id)?;
+            let fd = fd.as_fd();
+            if let Some(mode) = set.mode {
+                if kind == FileKind::Symlink {
+                    return Err(VfsError::os(libc::EOPNOTSUPP));
+                }
+                sys::fchmod_fd(fd, mode & 0o7777)?;
+            }
+            if set.uid.is_some() || set.gid.is_some() {
+                sys::fchownat_fd(fd, set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
+            }
+            if let Some(size) = set.size {
+                match fh.and_then(|fh| self.files.read().get(&fh).cloned()) {
+                    Some(h) => sys::ftruncate(h.fd.as_fd(), size)?,
+                    None => sys::truncate_fd_path(fd, size)?,
+                }
+            }
+            if set.atime.is_some() || set.mtime.is_some() {
+                sys::utimens_fd(fd, &[timespec(set.atime), timespec(set.mtime)])?;
+            }
+            Ok(attr_from_stat(id, &sys::fstat(fd)?))
+        })();
+        self.count(r)
+    }
+
+    pub fn readlink(&self, id: NodeId) -> Result<Vec<u8>> {
+        let r = self.node_fd(id).and_then(|fd| sys::readlink_fd(fd.as_fd()));
+        self.count(r)
+    }
+
+    // ---- creating names --------------------------------------------------------------------
+
+    /// Runs `make` in `parent` as the caller, then looks the new name up.
+    fn create_node(
+        &self,
+        caller: Caller,
+        parent: NodeId,
+        name: &OsStr,
+        make: impl FnOnce(BorrowedFd<'_>, &std::ffi::CStr) -> Result<()>,
+    ) -> Result<Attr> {
+        let pfd = self.node_fd(parent)?;
+        let cname = cname(name)?;
+        {
+            thread_setup();
+            let _creds = CallerCreds::assume(caller.uid, caller.gid, caller.pid);
+            make(pfd.as_fd(), &cname)?;
+        }
+        self.lookup_ref(pfd.as_fd(), name)
+    }
+
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: NodeId,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Attr> {
+        bump(&self.counters.mknods);
+        let r = self.create_node(caller, parent, name, |dir, n| {
+            sys::mknodat(dir, n, mode, u64::from(rdev))
+        });
+        self.count(r)
+    }
+
+    pub fn mkdir(&self, caller: Caller, parent: NodeId, name: &OsStr, mode: u32) -> Result<Attr> {
+        bump(&self.counters.mkdirs);
+        let r = self.create_node(caller, parent, name, |dir, n| sys::mkdirat(dir, n, mode));
+        self.count(r)
+    }
+
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: NodeId,
+        name: &OsStr,
+        target: &OsStr,
+    ) -> Result<Attr> {
+        bump(&self.counters.symlinks);
+        let target = cname(target)?;
+        let r = self.create_node(caller, parent, name, |dir, n| {
+            sys::symlinkat(&target, dir, n)
+        });
+        self.count(r)
+    }
+
+    pub fn link(
+        &self,
+        caller: Caller,
+        id: NodeId,
+        newparent: NodeId,
+        newname: &OsStr,
+    ) -> Result<Attr> {
+        bump(&self.counters.links);
+        let r = self.node_fd(id).and_then(|fd| {
+            self.create_node(caller, newparent, newname, |dir, n| {
+                sys::link_fd(fd.as_fd(), dir, n)
+            })
+        });
+        self.count(r)
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: NodeId,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, Opened)> {
+        bump(&self.counters.creates);
+        let r = (|| {
+            let pfd = self.node_fd(parent)?;
+            let cname = cname(name)?;
+            let fd = {
+                thread_setup();
+                let _creds = CallerCreds::assume(caller.uid, caller.gid, caller.pid);
+                sys::openat(
+                    pfd.as_fd(),
+                    &cname,
+                    (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !libc::O_NOCTTY,
+                    mode,
+                )?
+            };
+            // The node fd comes from the open file itself, so a concurrent rename of the name
+            // cannot make the node and the handle disagree.
+            let proc = ProcPath::new(fd.as_fd());
+            let path_fd = sys::open_path(proc.as_cstr(), libc::O_PATH, 0)?;
+            let st = sys::fstat(fd.as_fd())?;
+            let attr = self.remember(path_fd, &st);
+            let fh = self.add_file(fd, attr.ino);
+            Ok((attr, Opened { fh }))
+        })();
+        self.count(r)
+    }
+
+    // ---- removing and moving names ---------------------------------------------------------
+
+    pub fn unlink(&self, parent: NodeId, name: &OsStr) -> Result<()> {
+        bump(&self.counters.unlinks);
+        let r = self
+            .node_fd(parent)
+            .and_then(|pfd| sys::unlinkat(pfd.as_fd(), &cname(name)?, 0));
+        self.count(r)
+    }
+
+    pub fn rmdir(&self, parent: NodeId, name: &OsStr) -> Result<()> {
+        bump(&self.counters.rmdirs);
+        let r = self
+            .node_fd(parent)
+            .and_then(|pfd| sys::unlinkat(pfd.as_fd(), &cname(name)?, libc::AT_REMOVEDIR));
+        self.count(r)
+    }
+
+    pub fn rename(
+        &self,
+        parent: NodeId,
+        name: &OsStr,
+        newparent: NodeId,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<()> {
+        bump(&self.counters.renames);
+        let r = (|| {
+            let old_dir = self.node_fd(parent)?;
+            let new_dir = self.node_fd(newparent)?;
+            sys::renameat2(
+                old_dir.as_fd(),
+                &cname(name)?,
+                new_dir.as_fd(),
+                &cname(newname)?,
+                flags.0,
+            )
+        })();
+        self.count(r)
+    }
+
+    // ---- files -----------------------------------------------------------------------------
+
+    fn add_file(&self, fd: OwnedFd, node: NodeId) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .write()
+            .insert(fh, Arc::new(FileHandle { fd, node }));
+        fh
+    }
+
+    /// The open file behind a handle number.
+    pub fn file(&self, fh: u64) -> Result<Arc<FileHandle>> {
+        self.files
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(VfsError::UnknownHandle(fh))
+    }
+
+    /// Opens an existing node. `flags` are POSIX open flags (O_CREAT/O_EXCL already handled by
+    /// the kernel; O_TRUNC honoured).
+    pub fn open(&self, id: NodeId, flags: i32) -> Result<Opened> {
+        bump(&self.counters.opens);
+        let r = (|| {
+            let fd = self.node_fd(id)?;
+            let proc = ProcPath::new(fd.as_fd());
+            let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
+            let file = sys::open_path(proc.as_cstr(), flags, 0)?;
+            Ok(Opened {
+                fh: self.add_file(file, id),
+            })
+        })();
+        self.count(r)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        bump(&self.counters.reads);
+        let r = (|| {
+            let h = self.file(fh)?;
+            let mut buf = vec![0u8; size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                let n = sys::pread(h.fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            add(&self.counters.bytes_read, done as u64);
+            Ok(buf)
+        })();
+        self.count(r)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        bump(&self.counters.writes);
+        let r = (|| {
+            let h = self.file(fh)?;
+            let mut done = 0;
+            while done < data.len() {
+                let n = sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            add(&self.counters.bytes_written, done as u64);
+            Ok(done as u32)
+        })();
+        self.count(r)
+    }
+
+    /// `close()` of one file descriptor. Writes already reached the backing file synchronously.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        self.file(fh).map(drop)
+    }
+
+    /// The last reference to an open file went away.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        bump(&self.counters.releases);
+        match self.files.write().remove(&fh) {
+            Some(_) => Ok(()),
+            None => self.count(Err(VfsError::UnknownHandle(fh))),
+        }
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        bump(&self.counters.fsyncs);
+        let r = self
+            .file(fh)
+            .and_then(|h| sys::fsync(h.fd.as_fd(), datasync));
+        self.count(r)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let r = self
+            .file(fh)
+            .and_then(|h| sys::fallocate(h.fd.as_fd(), mode, offset, length));
+        self.count(r)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let r = self
+            .file(fh)
+            .and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence));
+        self.count(r)
+    }
+
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let r = (|| {
+            let src = self.file(fh_in)?;
+            let dst = self.file(fh_out)?;
+            let len = len.min(u64::from(u32::MAX));
+            let n =
+                sys::copy_file_range(src.fd.as_fd(), offset_in, dst.fd.as_fd(), offset_out, len)?;
+            add(&self.counters.bytes_written, n as u64);
+            Ok(n as u32)
+        })();
+        self.count(r)
+    }
+
+    // ---- directories -----------------------------------------------------------------------
+
+    pub fn opendir(&self, id: NodeId) -> Result<u64> {
+        let r = (|| {
+            let fd = self.node_fd(id)?;
+            let dir = sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.dirs.write().insert(
+                fh,
+                Arc::new(DirHandle {
+                    fd: dir,
+                    entries: Mutex::new(Vec::new()),
+                }),
+            );
+            Ok(fh)
+        })();
+        self.count(r)
+    }
+
+    fn dir(&self, fh: u64) -> Result<Arc<DirHandle>> {
+        self.dirs
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(VfsError::UnknownHandle(fh))
+    }
+
+    /// Lists entries after `offset`, handing each to `fill` until it reports the reply full.
+    /// With `plus`, each entry (but `.` and `..`) also carries its attributes and a kernel
+    /// reference, taken only for entries `fill` accepted.
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        mut fill: impl FnMut(&DirEntry, Option<&Attr>) -> bool,
+    ) -> Result<()> {
+        bump(&self.counters.readdirs);
+        let r = (|| {
+            let dir = self.dir(fh)?;
+            let mut entries = dir.entries.lock();
+            if offset == 0 {
+                *entries = sys::read_dir_all(dir.fd.as_fd())?;
+            }
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            for (i, raw) in entries.iter().enumerate().skip(start) {
+                let name = OsStr::from_bytes(&raw.name);
+                let dot = raw.name == b"." || raw.name == b"..";
+                let (kind, attr) = if plus && !dot {
+                    match self.lookup_ref(dir.fd.as_fd(), name) {
+                        Ok(a) => (a.kind, Some(a)),
+                        // Gone since the snapshot: leave it out, as a fresh listing would.
+                        Err(VfsError::Os(Errno(libc::ENOENT))) => continue,
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    let kind = match FileKind::from_dirent(raw.kind) {
+                        Some(k) => k,
+                        None => match sys::fstatat(dir.fd.as_fd(), &cname(name)?) {
+                            Ok(st) => FileKind::from_mode(st.st_mode),
+                            Err(_) => continue,
+                        },
+                    };
+                    (kind, None)
+                };
+                let entry = DirEntry {
+                    ino: self.dirent_ino(raw.ino),
+                    offset: i as u64 + 1,
+                    kind,
+                    name: name.to_os_string(),
+                };
+                if fill(&entry, attr.as_ref()) {
+                    if let Some(a) = attr {
+                        self.forget(a.ino, 1);
+                    }
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        self.count(r)
+    }
+
+    fn dirent_ino(&self, ino: u64) -> u64 {
+        if ino == self.root_ino { ROOT } else { ino }
+    }
+
+    pub fn releasedir(&self, fh: u64) -> Result<()> {
+        match self.dirs.write().remove(&fh) {
+            Some(_) => Ok(()),
+            None => Err(VfsError::UnknownHandle(fh)),
+        }
+    }
+
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> Result<()> {
+        let r = self
+            .dir(fh)
+            .and_then(|d| sys::fsync(d.fd.as_fd(), datasync));
+        self.count(r)
+    }
+
+    // ---- the rest --------------------------------------------------------------------------
+
+    pub fn statfs(&self, id: NodeId) -> Result<StatFs> {
+        let r = (|| {
+            let fd = self.node_fd(id)?;
+            let st = sys::fstatvfs(fd.as_fd())?;
+            Ok(StatFs {
+                blocks: st.f_blocks,
+                bfree: st.f_bfree,
+                bavail: st.f_bavail,
+                files: st.f_files,
+                ffree: st.f_ffree,
+                bsize: st.f_bsize as u32,
+                namelen: st.f_namemax as u32,
+                frsize: st.f_frsize as u32,
+            })
+        })();
+        self.count(r)
+    }
+
+    pub fn access(&self, caller: Caller, id: NodeId, mask: i32) -> Result<()> {
+        let r = (|| {
+            let fd = self.node_fd(id)?;
+            let proc = ProcPath::new(fd.as_fd());
+            let _creds = CallerCreds::assume(caller.uid, caller.gid, caller.pid);
+            // SAFETY: NUL-terminated path; AT_EACCESS checks with the filesystem identity the
+            // guard just assumed.
+            sys::cvt(unsafe {
+                libc::faccessat(
+                    libc::AT_FDCWD,
+                    proc.as_cstr().as_ptr(),
+                    mask,
+                    libc::AT_EACCESS,
+                )
+            })
+            .map(drop)
+        })();
+        self.count(r)
+    }
+
+    /// xattrs of symlinks cannot be reached race-free through an `O_PATH` fd (as in libfuse's
+    /// passthrough_hp): they answer ENOTSUP, which Linux also gives for user.* on symlinks.
+    fn xattr_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>> {
+        bump(&self.counters.xattr_ops);
+        let (fd, kind) = self.node(id)?;
+        if kind == FileKind::Symlink {
+            return Err(VfsError::os(libc::ENOTSUP));
+        }
+        Ok(fd)
+    }
+
+    pub fn getxattr(&self, id: NodeId, name: &OsStr, size: u32) -> Result<XattrReply> {
+        let r = (|| {
+            let fd = self.xattr_fd(id)?;
+            let name = cname(name)?;
+            let mut buf = vec![0u8; size as usize];
+            let n = sys::xattr::get(fd.as_fd(), &name, &mut buf)?;
+            Ok(sized_reply(buf, n, size))
+        })();
+        self.count_xattr(r)
+    }
+
+    pub fn listxattr(&self, id: NodeId, size: u32) -> Result<XattrReply> {
+        let r = (|| {
+            let fd = self.xattr_fd(id)?;
+            let mut buf = vec![0u8; size as usize];
+            let n = sys::xattr::list(fd.as_fd(), &mut buf)?;
+            Ok(sized_reply(buf, n, size))
+        })();
+        self.count_xattr(r)
+    }
+
+    pub fn setxattr(&self, id: NodeId, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let r = (|| {
+            let fd = self.xattr_fd(id)?;
+            sys::xattr::set(fd.as_fd(), &cname(name)?, value, flags)
+        })();
+        self.count_xattr(r)
+    }
+
+    pub fn removexattr(&self, id: NodeId, name: &OsStr) -> Result<()> {
+        let r = (|| {
+            let fd = self.xattr_fd(id)?;
+            sys::xattr::remove(fd.as_fd(), &cname(name)?)
+        })();
+        self.count_xattr(r)
+    }
+
+    /// ENODATA is the ordinary answer for an absent attribute (Samba probes constantly).
+    fn count_xattr<T>(&self, r: Result<T>) -> Result<T> {
+        match &r {
+            Err(VfsError::Os(Errno(libc::ENODATA))) => r,
+            _ => self.count(r),
+        }
+    }
+}
+
+fn sized_reply(mut buf: Vec<u8>, n: usize, size: u32) -> XattrReply {
+    if size == 0 {
+        XattrReply::Size(n as u32)
+    } else {
+        buf.truncate(n);
+        XattrReply::Data(buf)
+    }
+}
+
+/// Gives the calling thread its own umask of 0, once: the kernel applied the caller's umask to
+/// the modes it sends, and the daemon's own umask must not strip them again. (umask lives in the
+/// fs_struct, which a thread can unshare; the daemon's other threads keep theirs.)
+fn thread_setup() {
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    DONE.with(|done| {
+        if !done.get() {
+            // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask; umask
+            // cannot fail.
+            unsafe {
+                if libc::unshare(libc::CLONE_FS) == 0 {
+                    libc::umask(0);
+                } else {
+                    tracing::error!(
+                        "unshare(CLONE_FS) failed: {}; new files get the daemon's umask",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
+            done.set(true);
+        }
+    });
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(e) => {
+                // Before 1970: a negative second count with a non-negative nanosecond part.
+                let d = e.duration();
+                let mut secs = -(d.as_secs() as i64);
+                let mut nanos = d.subsec_nanos() as i64;
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                libc::timespec {
+                    tv_sec: secs as libc::time_t,
+                    tv_nsec: nanos as libc::c_long,
+                }
+            }
+        },
+    }
+}
+
+fn system_time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+fn attr_from_stat(ino: NodeId, st: &libc::stat) -> Attr {
+    Attr {
+        ino,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: system_time(st.st_atime, st.st_atime_nsec),
+        mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+        kind: FileKind::from_mode(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+    }
+}
