@@ -18,6 +18,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     let opts = peerfs_fs_linux::MountOptions {
         passthrough: std::env::var_os("PEERFS_PASSTHROUGH").is_none_or(|v| v != "0"),
+        cache_ttl: std::time::Duration::from_secs(
+            std::env::var("TTL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+        ),
+        threads: std::env::var("THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4),
         ..Default::default()
     };
     let drive =

@@ -20,7 +20,7 @@ use fuser::{
     SessionACL, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
-use peerfs_vfs::{Attr, Caller, FileKind, SetAttr, SetTime, Vfs, VfsError, XattrReply};
+use peerfs_vfs::{Attr, Caller, FileKind, Opened, SetAttr, SetTime, Vfs, VfsError, XattrReply};
 use tracing::{debug, warn};
 
 /// How the drive is mounted.
@@ -164,13 +164,14 @@ fn connection_of(mountpoint: &CStr) -> Option<u32> {
     let info = std::fs::read("/proc/self/mountinfo").ok()?;
     let want = mountpoint.to_bytes();
     info.split(|b| *b == b'\n')
+        .rev()
         .filter_map(|line| {
             let mut fields = line.split(|b| *b == b' ');
             let dev = fields.nth(2)?;
             let point = fields.nth(1)?;
             (unescape_mountinfo(point) == want).then_some(dev)
         })
-        .last()
+        .next()
         .and_then(|dev| {
             let dev = std::str::from_utf8(dev).ok()?;
             dev.split_once(':')?.1.parse().ok()
@@ -227,8 +228,12 @@ impl Drive {
             connection,
         });
         let acl = config.acl;
+        let vfs = adapter.vfs.clone();
         match fuser::Session::from_fd(adapter, fd, acl, config) {
-            Ok(session) => Ok(Drive { session, mount }),
+            Ok(session) => {
+                vfs.set_invalidator(Box::new(KernelInvalidator::start(session.notifier())?));
+                Ok(Drive { session, mount })
+            }
             Err(e) => {
                 let _ = mount.unmount();
                 Err(e)
@@ -249,6 +254,43 @@ impl Drive {
         r
     }
 }
+
+/// Sends cache invalidations to the kernel from a thread of their own: never from a request
+/// handler, because the kernel may hold the inode's lock while it waits for that handler.
+struct KernelInvalidator {
+    tx: Mutex<std::sync::mpsc::Sender<u64>>,
+}
+
+impl KernelInvalidator {
+    fn start(notifier: fuser::Notifier) -> io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        std::thread::Builder::new()
+            .name("peerfs-inval".into())
+            .spawn(move || {
+                for node in rx {
+                    // Offset -1: attributes only, keep cached pages.
+                    match notifier.inval_inode(INodeNo(node), -1, 0) {
+                        Ok(()) => {}
+                        // The kernel no longer knows the node: nothing to invalidate.
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => warn!(node, error = %e, "kernel cache invalidation failed"),
+                    }
+                }
+            })?;
+        Ok(KernelInvalidator { tx: Mutex::new(tx) })
+    }
+}
+
+impl peerfs_vfs::Invalidator for KernelInvalidator {
+    fn inode(&self, node: u64) {
+        // The receiver lives as long as the session; a send can only fail during shutdown.
+        let _ = self.tx.lock().send(node);
+    }
+}
+
+/// Flags of every file open. NOFLUSH: `close()` need not wait for a FLUSH round trip; writes
+/// already reached the backing file, and locks and replication act at RELEASE.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// The one mapping from drive errors to errno. No catch-all arm: a new error kind must be
 /// mapped here deliberately.
@@ -361,18 +403,24 @@ impl Adapter {
     }
 
     /// The passthrough backing id for a newly opened handle: reuses the inode's if one is live.
+    ///
+    /// Setuid/setgid files are served through the daemon, which clears those bits when another
+    /// user writes (a passthrough write runs with the daemon's privileges and would keep them) —
+    /// unless the inode already has passthrough opens: the kernel refuses to mix the two modes.
     fn backing_for(
         &self,
-        fh: u64,
+        opened: Opened,
         open_backing: impl FnOnce(&peerfs_vfs::FileHandle) -> io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
         if !self.passthrough {
             return None;
         }
+        let fh = opened.fh;
         let file = self.vfs.file(fh).ok()?;
         let mut cache = self.backing.lock();
         let id = match cache.by_node.get(&file.node()).and_then(Weak::upgrade) {
             Some(id) => id,
+            None if opened.sets_id => return None,
             None => match open_backing(&file) {
                 Ok(id) => {
                     let id = Arc::new(id);
@@ -398,6 +446,10 @@ impl Filesystem for Adapter {
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_EXPORT_SUPPORT;
+        // The drive clears setuid/setgid itself on write, truncate and chown (see `Vfs::write`,
+        // `Opened::sets_id`); otherwise the kernel asks GETXATTR security.capability before
+        // every single write.
+        want |= InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.want_passthrough && caps.contains(InitFlags::FUSE_PASSTHROUGH) {
             // Passthrough needs a stacking depth of at least 1 and no writeback cache (never
             // requested: it would make the kernel trust its own size/mtime over remote updates).
@@ -458,7 +510,7 @@ impl Filesystem for Adapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -481,6 +533,9 @@ impl Filesystem for Adapter {
             size,
             atime: set_time(atime),
             mtime: set_time(mtime),
+            // FATTR_KILL_SUIDGID (not passed on by fuser) accompanies a truncation exactly when
+            // the caller lacks CAP_FSETID; an unprivileged uid is the faithful stand-in.
+            kill_suidgid: req.uid() != 0,
         };
         match self.vfs.setattr(ino.0, fh.map(|f| f.0), set) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
@@ -585,16 +640,14 @@ impl Filesystem for Adapter {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.vfs.open(ino.0, flags.0) {
-            Ok(opened) => {
-                match self.backing_for(opened.fh, |f| reply.open_backing(f.backing_fd())) {
-                    Some(id) => {
-                        reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id)
-                    }
-                    None => reply.opened(FileHandle(opened.fh), FopenFlags::empty()),
-                }
-            }
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // An unprivileged caller's truncating open clears setuid/setgid (FUSE_OPEN_KILL_SUIDGID,
+        // which fuser does not pass on, is set exactly when the caller lacks CAP_FSETID).
+        match self.vfs.open(ino.0, flags.0, req.uid() != 0) {
+            Ok(opened) => match self.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
+                Some(id) => reply.opened_passthrough(FileHandle(opened.fh), OPEN_FLAGS, &id),
+                None => reply.opened(FileHandle(opened.fh), OPEN_FLAGS),
+            },
             Err(e) => reply.error(fail("open", &e)),
         }
     }
@@ -623,12 +676,13 @@ impl Filesystem for Adapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vfs.write(fh.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.vfs.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail("write", &e)),
         }
@@ -828,13 +882,13 @@ impl Filesystem for Adapter {
         match self.vfs.create(caller(req), parent.0, name, mode, flags) {
             Ok((attr, opened)) => {
                 let attr = file_attr(&attr);
-                match self.backing_for(opened.fh, |f| reply.open_backing(f.backing_fd())) {
+                match self.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
                     Some(id) => reply.created_passthrough(
                         &self.ttl,
                         &attr,
                         Generation(0),
                         FileHandle(opened.fh),
-                        FopenFlags::empty(),
+                        OPEN_FLAGS,
                         &id,
                     ),
                     None => reply.created(
@@ -842,7 +896,7 @@ impl Filesystem for Adapter {
                         &attr,
                         Generation(0),
                         FileHandle(opened.fh),
-                        FopenFlags::empty(),
+                        OPEN_FLAGS,
                     ),
                 }
             }

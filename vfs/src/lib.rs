@@ -125,6 +125,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// Clear setuid/setgid as a truncation by an unprivileged caller must.
+    pub kill_suidgid: bool,
 }
 
 /// `renameat2` flags (values as on Linux).
@@ -164,6 +166,14 @@ pub struct StatFs {
 pub enum XattrReply {
     Size(u32),
     Data(Vec<u8>),
+}
+
+/// Tells the platform's caches that the drive changed something behind them (an attribute the
+/// kernel did not ask to change, later: a remote update). Implementations must not block: the
+/// kernel may hold locks while the request that caused the change is in flight.
+pub trait Invalidator: Send + Sync {
+    /// The attributes (and cached data) of `node` are stale.
+    fn inode(&self, node: NodeId);
 }
 
 /// Settings of a drive.
@@ -217,6 +227,9 @@ struct DirHandle {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
     pub fh: u64,
+    /// The file is setuid, or setgid and group-executable: a write by another user must clear
+    /// those bits, so its writes have to pass through the drive (not kernel passthrough).
+    pub sets_id: bool,
 }
 
 /// The drive.
@@ -229,6 +242,7 @@ pub struct Vfs {
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     counters: Counters,
+    invalidator: std::sync::OnceLock<Box<dyn Invalidator>>,
 }
 
 const O_PATH_FLAGS: i32 = libc::O_PATH | libc::O_NOFOLLOW;
@@ -270,7 +284,25 @@ impl Vfs {
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             counters: Counters::default(),
+            invalidator: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the adapter's cache invalidation (once; later calls are ignored).
+    pub fn set_invalidator(&self, inv: Box<dyn Invalidator>) {
+        if self.invalidator.set(inv).is_err() {
+            tracing::warn!("invalidator already installed");
+        }
+    }
+
+    /// Clears setuid/setgid of `node` and, if that changed its mode, tells the kernel.
+    fn kill_suidgid(&self, node: NodeId, fd: BorrowedFd<'_>) -> Result<()> {
+        if kill_suidgid_fd(fd)? {
+            if let Some(inv) = self.invalidator.get() {
+                inv.inode(node);
+            }
+        }
+        Ok(())
     }
 
     /// Counters for `peerfs status`.
@@ -426,6 +458,9 @@ impl Vfs {
                 sys::fchownat_fd(fd, set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
             }
             if let Some(size) = set.size {
+                if set.kill_suidgid {
+                    kill_suidgid_fd(fd)?;
+                }
                 match fh.and_then(|fh| self.files.read().get(&fh).cloned()) {
                     Some(h) => sys::ftruncate(h.fd.as_fd(), size)?,
                     None => sys::truncate_fd_path(fd, size)?,
@@ -546,7 +581,8 @@ impl Vfs {
             let st = sys::fstat(fd.as_fd())?;
             let attr = self.remember(path_fd, &st);
             let fh = self.add_file(fd, attr.ino);
-            Ok((attr, Opened { fh }))
+            let sets_id = sets_id(st.st_mode);
+            Ok((attr, Opened { fh, sets_id }))
         })();
         self.count(r)
     }
@@ -612,16 +648,22 @@ impl Vfs {
     }
 
     /// Opens an existing node. `flags` are POSIX open flags (O_CREAT/O_EXCL already handled by
-    /// the kernel; O_TRUNC honoured).
-    pub fn open(&self, id: NodeId, flags: i32) -> Result<Opened> {
+    /// the kernel; O_TRUNC honoured). `kill_suidgid`: the caller is unprivileged, so a truncating
+    /// open clears setuid/setgid.
+    pub fn open(&self, id: NodeId, flags: i32, kill_suidgid: bool) -> Result<Opened> {
         bump(&self.counters.opens);
         let r = (|| {
             let fd = self.node_fd(id)?;
+            if kill_suidgid && flags & libc::O_TRUNC != 0 {
+                self.kill_suidgid(id, fd.as_fd())?;
+            }
             let proc = ProcPath::new(fd.as_fd());
             let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
             let file = sys::open_path(proc.as_cstr(), flags, 0)?;
+            let sets_id = sets_id(sys::fstat(file.as_fd())?.st_mode);
             Ok(Opened {
                 fh: self.add_file(file, id),
+                sets_id,
             })
         })();
         self.count(r)
@@ -647,10 +689,15 @@ impl Vfs {
         self.count(r)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    /// Writes at `offset`. `kill_suidgid`: the writer is unprivileged (the kernel says so), so
+    /// setuid/setgid are cleared first, as a write on the plain folder would.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {
         bump(&self.counters.writes);
         let r = (|| {
             let h = self.file(fh)?;
+            if kill_suidgid {
+                self.kill_suidgid(h.node, h.fd.as_fd())?;
+            }
             let mut done = 0;
             while done < data.len() {
                 let n = sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64)?;
@@ -917,6 +964,28 @@ impl Vfs {
             _ => self.count(r),
         }
     }
+}
+
+/// Setuid, or setgid with group execute (setgid without it marks mandatory locking, which a
+/// write does not clear).
+fn sets_id(mode: u32) -> bool {
+    mode & libc::S_ISUID != 0
+        || mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP
+}
+
+/// Clears setuid/setgid (under the rule of [`sets_id`]) of the inode behind `fd`; true if the
+/// mode changed.
+fn kill_suidgid_fd(fd: BorrowedFd<'_>) -> Result<bool> {
+    let mode = sys::fstat(fd)?.st_mode;
+    if !sets_id(mode) {
+        return Ok(false);
+    }
+    let mut new = mode & 0o7777 & !libc::S_ISUID;
+    if new & libc::S_IXGRP != 0 {
+        new &= !libc::S_ISGID;
+    }
+    sys::fchmod_fd(fd, new)?;
+    Ok(true)
 }
 
 fn sized_reply(mut buf: Vec<u8>, n: usize, size: u32) -> XattrReply {
