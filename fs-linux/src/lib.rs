@@ -702,14 +702,22 @@ impl Filesystem for Adapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.backing.lock().by_handle.remove(&fh.0);
+        {
+            let mut cache = self.backing.lock();
+            if let Some(id) = cache.by_handle.remove(&fh.0) {
+                // Last handle of the inode: drop its entry too, or the map grows forever.
+                if Arc::strong_count(&id) == 1 {
+                    cache.by_node.remove(&ino.0);
+                }
+            }
+        }
         self.empty("release", self.vfs.release(fh.0), reply);
     }
 
