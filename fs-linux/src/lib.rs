@@ -444,8 +444,7 @@ impl Filesystem for Adapter {
         let mut want = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
         // The drive clears setuid/setgid itself on write, truncate and chown (see `Vfs::write`,
         // `Opened::sets_id`); otherwise the kernel asks GETXATTR security.capability before
         // every single write.

@@ -367,6 +367,11 @@ impl Vfs {
 
     /// Looks `name` up in `parent` and records a kernel reference to it.
     fn lookup_ref(&self, parent_fd: BorrowedFd<'_>, name: &OsStr) -> Result<Attr> {
+        // The kernel never looks these up (no NFS export support is negotiated); refusing them
+        // keeps `..` of the root from ever naming the folder above the watch set.
+        if name == "." || name == ".." {
+            return Err(VfsError::InvalidName);
+        }
         let name = cname(name)?;
         let fd = sys::openat(parent_fd, &name, O_PATH_FLAGS, 0)?;
         let st = sys::fstat(fd.as_fd())?;
