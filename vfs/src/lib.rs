@@ -1086,3 +1086,6 @@ fn attr_from_stat(ino: NodeId, st: &libc::stat) -> Attr {
         blksize: st.st_blksize as u32,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,116 @@
+//! Unit tests of the drive without a kernel in between: the node table's reference counting,
+//! path resolution and the refusal of names that could leave the watch set.
+
+use super::*;
+
+fn drive() -> (tempfile::TempDir, Vfs) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vfs = Vfs::new(VfsConfig {
+        backing: dir.path().to_path_buf(),
+    })
+    .expect("vfs");
+    (dir, vfs)
+}
+
+const ROOT_CALLER: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
+
+#[test]
+fn nodes_live_until_the_kernel_forgets_every_lookup() {
+    let (_dir, vfs) = drive();
+    let (attr, opened) = vfs
+        .create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o644, libc::O_RDWR)
+        .expect("create");
+    vfs.release(opened.fh).expect("release");
+    let again = vfs.lookup(ROOT, OsStr::new("a")).expect("lookup");
+    assert_eq!(again.ino, attr.ino, "one inode, one node id");
+    assert_eq!(vfs.stats().known_nodes, 2, "root and a");
+    vfs.forget(attr.ino, 1);
+    assert!(vfs.getattr(attr.ino, None).is_ok(), "one reference left");
+    vfs.forget(attr.ino, 1);
+    assert!(matches!(
+        vfs.getattr(attr.ino, None),
+        Err(VfsError::UnknownNode(_))
+    ));
+    vfs.forget(ROOT, 1000);
+    assert!(
+        vfs.getattr(ROOT, None).is_ok(),
+        "the root is never forgotten"
+    );
+}
+
+#[test]
+fn hard_links_share_a_node() {
+    let (_dir, vfs) = drive();
+    let a = vfs
+        .mknod(ROOT_CALLER, ROOT, OsStr::new("a"), libc::S_IFREG | 0o600, 0)
+        .expect("mknod");
+    let b = vfs
+        .link(ROOT_CALLER, a.ino, ROOT, OsStr::new("b"))
+        .expect("link");
+    assert_eq!(a.ino, b.ino);
+    assert_eq!(b.nlink, 2);
+}
+
+#[test]
+fn dot_names_never_resolve() {
+    let (_dir, vfs) = drive();
+    for name in [".", ".."] {
+        assert!(matches!(
+            vfs.lookup(ROOT, OsStr::new(name)),
+            Err(VfsError::InvalidName)
+        ));
+    }
+}
+
+#[test]
+fn resolve_walks_from_the_root_and_keeps_one_reference() {
+    let (dir, vfs) = drive();
+    std::fs::create_dir_all(dir.path().join("x/y")).expect("mkdir");
+    std::fs::write(dir.path().join("x/y/z"), b"hello").expect("write");
+    let path = RelPath::new(b"x/y/z").expect("path");
+    let attr = vfs.resolve(&path).expect("resolve");
+    assert_eq!(attr.size, 5);
+    // Root plus the final node: the intermediate directories were forgotten again.
+    assert_eq!(vfs.stats().known_nodes, 2);
+    let missing = RelPath::new(b"x/nope").expect("path");
+    assert!(matches!(
+        vfs.resolve(&missing),
+        Err(VfsError::Os(Errno(libc::ENOENT)))
+    ));
+}
+
+#[test]
+fn readdir_resumes_at_the_offset_it_returned() {
+    let (dir, vfs) = drive();
+    for i in 0..50 {
+        std::fs::write(dir.path().join(format!("f{i}")), b"").expect("write");
+    }
+    let fh = vfs.opendir(ROOT).expect("opendir");
+    let mut names = Vec::new();
+    let mut offset = 0;
+    loop {
+        let mut batch = Vec::new();
+        vfs.readdir(fh, offset, false, |e, _| {
+            batch.push(e.clone());
+            batch.len() == 7
+        })
+        .expect("readdir");
+        // The entry that did not fit is not part of the batch.
+        if batch.len() == 7 {
+            batch.pop();
+        }
+        let Some(last) = batch.last() else { break };
+        offset = last.offset;
+        names.extend(batch.into_iter().map(|e| e.name));
+    }
+    vfs.releasedir(fh).expect("releasedir");
+    names.retain(|n| n != "." && n != "..");
+    names.sort();
+    let mut want: Vec<OsString> = (0..50).map(|i| format!("f{i}").into()).collect();
+    want.sort();
+    assert_eq!(names, want);
+}
