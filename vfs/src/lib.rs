@@ -249,7 +249,11 @@ const O_PATH_FLAGS: i32 = libc::O_PATH | libc::O_NOFOLLOW;
 
 impl Vfs {
     /// Opens the backing folder.
+    ///
+    /// Also raises the process's open-file limit to its hard maximum: the node table holds one
+    /// `O_PATH` descriptor per inode the kernel keeps cached, which is easily tens of thousands.
     pub fn new(cfg: VfsConfig) -> Result<Vfs> {
+        raise_fd_limit();
         let setup = |what: &str, e: VfsError| VfsError::Setup {
             what: format!("{what} {}", cfg.backing.display()),
             source: match e {
@@ -999,6 +1003,25 @@ fn sized_reply(mut buf: Vec<u8>, n: usize, size: u32) -> XattrReply {
     } else {
         buf.truncate(n);
         XattrReply::Data(buf)
+    }
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to fill in and then pass back.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 }
 
