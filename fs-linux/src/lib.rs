@@ -364,8 +364,21 @@ fn file_attr(a: &Attr) -> FileAttr {
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => SetTime::At(t),
+        TimeOrNow::SpecificTime(t) => SetTime::At(undo_fuser_pre_epoch(t)),
     })
+}
+
+/// fuser 0.18.0 turns the kernel's (secs < 0, nsecs) into `EPOCH - (|secs| s + nsecs ns)`,
+/// where the time really is `EPOCH - |secs| s + nsecs ns` (its `system_time_from_time` has a
+/// TODO for exactly this). Undo that for times before 1970.
+fn undo_fuser_pre_epoch(t: SystemTime) -> SystemTime {
+    match SystemTime::UNIX_EPOCH.duration_since(t) {
+        Ok(before) if before.subsec_nanos() != 0 => {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(before.as_secs())
+                + Duration::from_nanos(u64::from(before.subsec_nanos()))
+        }
+        _ => t,
+    }
 }
 
 /// Logs a failed operation at a level fitting its cause and returns its errno.
@@ -963,5 +976,29 @@ impl Filesystem for Adapter {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail("copy_file_range", &e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pre_epoch_times_survive_fusers_conversion() {
+        // The kernel's (-1000 s, 5 ns), as fuser 0.18.0 hands it over.
+        let from_fuser = SystemTime::UNIX_EPOCH - Duration::new(1000, 5);
+        let want = SystemTime::UNIX_EPOCH - Duration::from_secs(1000) + Duration::from_nanos(5);
+        assert_eq!(undo_fuser_pre_epoch(from_fuser), want);
+        let whole = SystemTime::UNIX_EPOCH - Duration::from_secs(7);
+        assert_eq!(undo_fuser_pre_epoch(whole), whole);
+        let after = SystemTime::UNIX_EPOCH + Duration::new(7, 9);
+        assert_eq!(undo_fuser_pre_epoch(after), after);
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(br"/a\040b\011c\134d"), b"/a b\tc\\d");
+        assert_eq!(unescape_mountinfo(br"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(br"/trailing\04"), br"/trailing\04");
     }
 }

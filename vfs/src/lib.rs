@@ -17,7 +17,7 @@ mod stats;
 mod sys;
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CStr, OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -190,6 +190,16 @@ struct Node {
     refs: u64,
     /// (dev, ino) for nodes with a foreign id, so the id can be released.
     foreign_key: Option<(u64, u64)>,
+    /// For symlinks: a directory and name where the link was last seen. xattr calls cannot
+    /// reach a symlink through an `O_PATH` fd, only as `l*xattr(dir/name)`.
+    link_at: Option<LinkAt>,
+}
+
+/// Where a symlink node was last seen: its directory and name.
+#[derive(Clone)]
+struct LinkAt {
+    dir: Arc<OwnedFd>,
+    name: std::ffi::CString,
 }
 
 #[derive(Default)]
@@ -218,7 +228,7 @@ impl FileHandle {
 }
 
 struct DirHandle {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     /// Snapshot taken when listing starts at offset 0; offsets index into it.
     entries: Mutex<Vec<sys::RawDirEntry>>,
 }
@@ -246,6 +256,13 @@ pub struct Vfs {
 }
 
 const O_PATH_FLAGS: i32 = libc::O_PATH | libc::O_NOFOLLOW;
+
+/// Open flags the backing open must not see. O_CREAT/O_EXCL were the kernel's business;
+/// O_NOFOLLOW would refuse the `/proc/self/fd` magic link. O_DIRECT stays with the kernel: it
+/// serves direct I/O from the caller's aligned buffers itself (also in passthrough), while
+/// daemon-served requests arrive in buffers of no particular alignment.
+const OPEN_STRIP: i32 =
+    libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_DIRECT;
 
 impl Vfs {
     /// Opens the backing folder.
@@ -277,6 +294,7 @@ impl Vfs {
                 kind: FileKind::Dir,
                 refs: 1,
                 foreign_key: None,
+                link_at: None,
             },
         );
         Ok(Vfs {
@@ -339,7 +357,8 @@ impl Vfs {
     }
 
     /// Records one kernel reference to the inode behind `fd` and returns its attributes.
-    fn remember(&self, fd: OwnedFd, st: &libc::stat) -> Attr {
+    /// `at`: the directory and name it was found under (kept for symlinks).
+    fn remember(&self, fd: OwnedFd, st: &libc::stat, at: Option<(&Arc<OwnedFd>, &CStr)>) -> Attr {
         let kind = FileKind::from_mode(st.st_mode);
         let key = (st.st_dev, st.st_ino);
         let mut table = self.nodes.write();
@@ -356,30 +375,43 @@ impl Vfs {
             id
         };
         let foreign_key = (id >= FOREIGN_BASE).then_some(key);
+        let link_at = match at {
+            Some((dir, name)) if kind == FileKind::Symlink => Some(LinkAt {
+                dir: dir.clone(),
+                name: name.to_owned(),
+            }),
+            _ => None,
+        };
         table
             .nodes
             .entry(id)
-            .and_modify(|n| n.refs += 1)
+            .and_modify(|n| {
+                n.refs += 1;
+                if link_at.is_some() {
+                    n.link_at = link_at.clone();
+                }
+            })
             .or_insert_with(|| Node {
                 fd: Arc::new(fd),
                 kind,
                 refs: 1,
                 foreign_key,
+                link_at,
             });
         attr_from_stat(id, st)
     }
 
     /// Looks `name` up in `parent` and records a kernel reference to it.
-    fn lookup_ref(&self, parent_fd: BorrowedFd<'_>, name: &OsStr) -> Result<Attr> {
+    fn lookup_ref(&self, parent_fd: &Arc<OwnedFd>, name: &OsStr) -> Result<Attr> {
         // The kernel never looks these up (no NFS export support is negotiated); refusing them
         // keeps `..` of the root from ever naming the folder above the watch set.
         if name == "." || name == ".." {
             return Err(VfsError::InvalidName);
         }
         let name = cname(name)?;
-        let fd = sys::openat(parent_fd, &name, O_PATH_FLAGS, 0)?;
+        let fd = sys::openat(parent_fd.as_fd(), &name, O_PATH_FLAGS, 0)?;
         let st = sys::fstat(fd.as_fd())?;
-        Ok(self.remember(fd, &st))
+        Ok(self.remember(fd, &st, Some((parent_fd, &name))))
     }
 
     /// Looks `name` up in `parent`; the kernel now holds one more reference to the result.
@@ -387,7 +419,7 @@ impl Vfs {
         bump(&self.counters.lookups);
         let r = self
             .node_fd(parent)
-            .and_then(|pfd| self.lookup_ref(pfd.as_fd(), name));
+            .and_then(|pfd| self.lookup_ref(&pfd, name));
         // A missing name is the common answer to a lookup, not an error worth counting.
         if !matches!(&r, Err(VfsError::Os(Errno(libc::ENOENT)))) {
             return self.count(r);
@@ -505,7 +537,7 @@ impl Vfs {
             let _creds = CallerCreds::assume(caller.uid, caller.gid, caller.pid);
             make(pfd.as_fd(), &cname)?;
         }
-        self.lookup_ref(pfd.as_fd(), name)
+        self.lookup_ref(&pfd, name)
     }
 
     pub fn mknod(
@@ -579,7 +611,7 @@ impl Vfs {
                 sys::openat(
                     pfd.as_fd(),
                     &cname,
-                    (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !libc::O_NOCTTY,
+                    (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT),
                     mode,
                 )?
             };
@@ -588,7 +620,7 @@ impl Vfs {
             let proc = ProcPath::new(fd.as_fd());
             let path_fd = sys::open_path(proc.as_cstr(), libc::O_PATH, 0)?;
             let st = sys::fstat(fd.as_fd())?;
-            let attr = self.remember(path_fd, &st);
+            let attr = self.remember(path_fd, &st, None);
             let fh = self.add_file(fd, attr.ino);
             let sets_id = sets_id(st.st_mode);
             Ok((attr, Opened { fh, sets_id }))
@@ -626,15 +658,43 @@ impl Vfs {
         let r = (|| {
             let old_dir = self.node_fd(parent)?;
             let new_dir = self.node_fd(newparent)?;
+            let newname = cname(newname)?;
             sys::renameat2(
                 old_dir.as_fd(),
                 &cname(name)?,
                 new_dir.as_fd(),
-                &cname(newname)?,
+                &newname,
                 flags.0,
-            )
+            )?;
+            self.moved(&new_dir, &newname);
+            if flags.0 & RenameFlags::EXCHANGE != 0 {
+                self.moved(&old_dir, &cname(name)?);
+            }
+            Ok(())
         })();
         self.count(r)
+    }
+
+    /// After a rename: if `dir/name` is a symlink the kernel knows, remember its new place.
+    fn moved(&self, dir: &Arc<OwnedFd>, name: &CStr) {
+        let Ok(st) = sys::fstatat(dir.as_fd(), name) else {
+            return;
+        };
+        if FileKind::from_mode(st.st_mode) != FileKind::Symlink {
+            return;
+        }
+        let mut table = self.nodes.write();
+        let id = if st.st_dev == self.root_dev && st.st_ino < FOREIGN_BASE {
+            Some(st.st_ino)
+        } else {
+            table.foreign.get(&(st.st_dev, st.st_ino)).copied()
+        };
+        if let Some(node) = id.and_then(|id| table.nodes.get_mut(&id)) {
+            node.link_at = Some(LinkAt {
+                dir: dir.clone(),
+                name: name.to_owned(),
+            });
+        }
     }
 
     // ---- files -----------------------------------------------------------------------------
@@ -667,7 +727,7 @@ impl Vfs {
                 self.kill_suidgid(id, fd.as_fd())?;
             }
             let proc = ProcPath::new(fd.as_fd());
-            let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
+            let flags = flags & !OPEN_STRIP;
             let file = sys::open_path(proc.as_cstr(), flags, 0)?;
             let sets_id = sets_id(sys::fstat(file.as_fd())?.st_mode);
             Ok(Opened {
@@ -787,7 +847,7 @@ impl Vfs {
             self.dirs.write().insert(
                 fh,
                 Arc::new(DirHandle {
-                    fd: dir,
+                    fd: Arc::new(dir),
                     entries: Mutex::new(Vec::new()),
                 }),
             );
@@ -826,7 +886,7 @@ impl Vfs {
                 let name = OsStr::from_bytes(&raw.name);
                 let dot = raw.name == b"." || raw.name == b"..";
                 let (kind, attr) = if plus && !dot {
-                    match self.lookup_ref(dir.fd.as_fd(), name) {
+                    match self.lookup_ref(&dir.fd, name) {
                         Ok(a) => (a.kind, Some(a)),
                         // Gone since the snapshot: leave it out, as a fresh listing would.
                         Err(VfsError::Os(Errno(libc::ENOENT))) => continue,
@@ -918,23 +978,44 @@ impl Vfs {
         self.count(r)
     }
 
-    /// xattrs of symlinks cannot be reached race-free through an `O_PATH` fd (as in libfuse's
-    /// passthrough_hp): they answer ENOTSUP, which Linux also gives for user.* on symlinks.
-    fn xattr_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>> {
+    /// Where xattr calls reach `id`: its `O_PATH` fd, or for a symlink the directory and name it
+    /// was last seen under, checked to still be that very inode (a symlink cannot be opened,
+    /// and the xattr calls refuse `O_PATH` fds). A symlink whose name is gone answers ENOTSUP,
+    /// as libfuse's passthrough_hp does for every symlink.
+    fn xattr_target(&self, id: NodeId) -> Result<sys::xattr::Target> {
         bump(&self.counters.xattr_ops);
-        let (fd, kind) = self.node(id)?;
-        if kind == FileKind::Symlink {
+        let (fd, link_at) = {
+            let table = self.nodes.read();
+            match table.nodes.get(&id) {
+                Some(n) => (
+                    n.fd.clone(),
+                    (n.kind == FileKind::Symlink).then(|| n.link_at.clone()),
+                ),
+                None if id == ROOT => (self.root_fd.clone(), None),
+                None => return Err(VfsError::UnknownNode(id)),
+            }
+        };
+        let Some(link_at) = link_at else {
+            return Ok(sys::xattr::Target::Fd(fd));
+        };
+        let Some(at) = link_at else {
             return Err(VfsError::os(libc::ENOTSUP));
+        };
+        let want = sys::fstat(fd.as_fd())?;
+        match sys::fstatat(at.dir.as_fd(), &at.name) {
+            Ok(st) if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino) => {
+                Ok(sys::xattr::Target::Link(at.dir, at.name))
+            }
+            _ => Err(VfsError::os(libc::ENOTSUP)),
         }
-        Ok(fd)
     }
 
     pub fn getxattr(&self, id: NodeId, name: &OsStr, size: u32) -> Result<XattrReply> {
         let r = (|| {
-            let fd = self.xattr_fd(id)?;
+            let target = self.xattr_target(id)?;
             let name = cname(name)?;
             let mut buf = vec![0u8; size as usize];
-            let n = sys::xattr::get(fd.as_fd(), &name, &mut buf)?;
+            let n = sys::xattr::get(&target, &name, &mut buf)?;
             Ok(sized_reply(buf, n, size))
         })();
         self.count_xattr(r)
@@ -942,9 +1023,9 @@ impl Vfs {
 
     pub fn listxattr(&self, id: NodeId, size: u32) -> Result<XattrReply> {
         let r = (|| {
-            let fd = self.xattr_fd(id)?;
+            let target = self.xattr_target(id)?;
             let mut buf = vec![0u8; size as usize];
-            let n = sys::xattr::list(fd.as_fd(), &mut buf)?;
+            let n = sys::xattr::list(&target, &mut buf)?;
             Ok(sized_reply(buf, n, size))
         })();
         self.count_xattr(r)
@@ -952,16 +1033,16 @@ impl Vfs {
 
     pub fn setxattr(&self, id: NodeId, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let r = (|| {
-            let fd = self.xattr_fd(id)?;
-            sys::xattr::set(fd.as_fd(), &cname(name)?, value, flags)
+            let target = self.xattr_target(id)?;
+            sys::xattr::set(&target, &cname(name)?, value, flags)
         })();
         self.count_xattr(r)
     }
 
     pub fn removexattr(&self, id: NodeId, name: &OsStr) -> Result<()> {
         let r = (|| {
-            let fd = self.xattr_fd(id)?;
-            sys::xattr::remove(fd.as_fd(), &cname(name)?)
+            let target = self.xattr_target(id)?;
+            sys::xattr::remove(&target, &cname(name)?)
         })();
         self.count_xattr(r)
     }

@@ -299,17 +299,44 @@ pub(crate) fn fstatvfs(fd: BorrowedFd<'_>) -> Result<libc::statvfs> {
     Ok(unsafe { st.assume_init() })
 }
 
-/// Extended attributes of the inode behind an `O_PATH` fd, through `/proc/self/fd/N`.
+/// Extended attributes, reached through `/proc/self/fd/N` for an inode held by an `O_PATH` fd,
+/// or as `/proc/self/fd/DIR/NAME` with the `l*` calls for a symlink.
 pub(crate) mod xattr {
+    use std::os::fd::AsFd;
+    use std::sync::Arc;
+
     use super::*;
 
-    pub(crate) fn get(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> Result<usize> {
-        let proc = ProcPath::new(fd);
-        // SAFETY: NUL-terminated strings; `buf` writable for its length (a null pointer with
-        // size 0 asks for the size).
+    pub(crate) enum Target {
+        Fd(Arc<OwnedFd>),
+        Link(Arc<OwnedFd>, CString),
+    }
+
+    /// The path to hand to the xattr call, and whether it must not follow a final symlink.
+    fn path(t: &Target) -> Result<(CString, bool)> {
+        match t {
+            Target::Fd(fd) => Ok((ProcPath::new(fd.as_fd()).as_cstr().to_owned(), false)),
+            Target::Link(dir, name) => {
+                let mut p = ProcPath::new(dir.as_fd()).as_cstr().to_bytes().to_vec();
+                p.push(b'/');
+                p.extend_from_slice(name.to_bytes());
+                Ok((CString::new(p).map_err(|_| VfsError::InvalidName)?, true))
+            }
+        }
+    }
+
+    pub(crate) fn get(t: &Target, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+        let (p, nofollow) = path(t)?;
+        let f = if nofollow {
+            libc::lgetxattr
+        } else {
+            libc::getxattr
+        };
+        // SAFETY: NUL-terminated strings; `buf` writable for its length (size 0 asks for the
+        // size).
         cvt_size(unsafe {
-            libc::getxattr(
-                proc.as_cstr().as_ptr(),
+            f(
+                p.as_ptr(),
                 name.as_ptr(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
@@ -317,12 +344,17 @@ pub(crate) mod xattr {
         })
     }
 
-    pub(crate) fn set(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
-        let proc = ProcPath::new(fd);
+    pub(crate) fn set(t: &Target, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
+        let (p, nofollow) = path(t)?;
+        let f = if nofollow {
+            libc::lsetxattr
+        } else {
+            libc::setxattr
+        };
         // SAFETY: NUL-terminated strings; `value` readable for its length.
         cvt(unsafe {
-            libc::setxattr(
-                proc.as_cstr().as_ptr(),
+            f(
+                p.as_ptr(),
                 name.as_ptr(),
                 value.as_ptr().cast(),
                 value.len(),
@@ -332,18 +364,26 @@ pub(crate) mod xattr {
         .map(drop)
     }
 
-    pub(crate) fn list(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
-        let proc = ProcPath::new(fd);
+    pub(crate) fn list(t: &Target, buf: &mut [u8]) -> Result<usize> {
+        let (p, nofollow) = path(t)?;
+        let f = if nofollow {
+            libc::llistxattr
+        } else {
+            libc::listxattr
+        };
         // SAFETY: NUL-terminated path; `buf` writable for its length.
-        cvt_size(unsafe {
-            libc::listxattr(proc.as_cstr().as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        })
+        cvt_size(unsafe { f(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
     }
 
-    pub(crate) fn remove(fd: BorrowedFd<'_>, name: &CStr) -> Result<()> {
-        let proc = ProcPath::new(fd);
+    pub(crate) fn remove(t: &Target, name: &CStr) -> Result<()> {
+        let (p, nofollow) = path(t)?;
+        let f = if nofollow {
+            libc::lremovexattr
+        } else {
+            libc::removexattr
+        };
         // SAFETY: NUL-terminated strings.
-        cvt(unsafe { libc::removexattr(proc.as_cstr().as_ptr(), name.as_ptr()) }).map(drop)
+        cvt(unsafe { f(p.as_ptr(), name.as_ptr()) }).map(drop)
     }
 }
 
