@@ -35,8 +35,29 @@ pub enum RelPathError {
 /// Constructing one is the only check; holders can join it beneath the backing folder without
 /// re-validating. (Symlinks inside the watch set are resolved by the caller with `O_NOFOLLOW`
 /// walks, so a symlink component can never lead outside either.)
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+///
+/// On the wire it is a byte string, validated again on decode: a peer cannot smuggle an
+/// unvalidated path in.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "WirePath", into = "WirePath")]
 pub struct RelPath(Vec<u8>);
+
+/// The wire form of a [`RelPath`]: its bytes, unchecked until converted.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WirePath(#[serde(with = "serde_bytes")] Vec<u8>);
+
+impl TryFrom<WirePath> for RelPath {
+    type Error = RelPathError;
+    fn try_from(w: WirePath) -> Result<Self, RelPathError> {
+        RelPath::new(&w.0)
+    }
+}
+
+impl From<RelPath> for WirePath {
+    fn from(p: RelPath) -> WirePath {
+        WirePath(p.0)
+    }
+}
 
 impl RelPath {
     /// The root of the watch set.
