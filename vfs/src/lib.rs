@@ -13,6 +13,7 @@
 //! for as long as the kernel can name them.
 
 mod error;
+pub mod exclude;
 mod stats;
 mod sys;
 
