@@ -14,11 +14,12 @@
 
 mod error;
 pub mod exclude;
+mod nodes;
 mod stats;
 mod sys;
 
 use std::collections::HashMap;
-use std::ffi::{CStr, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nodes::NodeTable;
 use parking_lot::{Mutex, RwLock};
 use peerfs_proto::RelPath;
 
@@ -38,10 +40,6 @@ use sys::{CallerCreds, ProcPath, cname};
 pub type NodeId = u64;
 /// The root of the drive.
 pub const ROOT: NodeId = 1;
-
-/// First id handed to inodes whose number cannot serve as their id (another device mounted
-/// inside the watch set, or inode number 1 below the root).
-const FOREIGN_BASE: NodeId = 1 << 56;
 
 /// What kind of object a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -184,32 +182,6 @@ pub struct VfsConfig {
     pub backing: PathBuf,
 }
 
-struct Node {
-    fd: Arc<OwnedFd>,
-    kind: FileKind,
-    /// References the kernel holds (lookups not yet forgotten).
-    refs: u64,
-    /// (dev, ino) for nodes with a foreign id, so the id can be released.
-    foreign_key: Option<(u64, u64)>,
-    /// For symlinks: a directory and name where the link was last seen. xattr calls cannot
-    /// reach a symlink through an `O_PATH` fd, only as `l*xattr(dir/name)`.
-    link_at: Option<LinkAt>,
-}
-
-/// Where a symlink node was last seen: its directory and name.
-#[derive(Clone)]
-struct LinkAt {
-    dir: Arc<OwnedFd>,
-    name: std::ffi::CString,
-}
-
-#[derive(Default)]
-struct NodeTable {
-    nodes: HashMap<NodeId, Node>,
-    foreign: HashMap<(u64, u64), NodeId>,
-    next_foreign: NodeId,
-}
-
 /// An open file.
 pub struct FileHandle {
     fd: OwnedFd,
@@ -229,7 +201,8 @@ impl FileHandle {
 }
 
 struct DirHandle {
-    fd: Arc<OwnedFd>,
+    fd: OwnedFd,
+    node: NodeId,
     /// Snapshot taken when listing starts at offset 0; offsets index into it.
     entries: Mutex<Vec<sys::RawDirEntry>>,
 }
@@ -246,7 +219,6 @@ pub struct Opened {
 /// The drive.
 pub struct Vfs {
     root_fd: Arc<OwnedFd>,
-    root_dev: u64,
     root_ino: u64,
     nodes: RwLock<NodeTable>,
     files: RwLock<HashMap<u64, Arc<FileHandle>>>,
@@ -284,23 +256,9 @@ impl Vfs {
             .map_err(|e| setup("cannot open backing folder", e))?;
         let st = sys::fstat(root.as_fd()).map_err(|e| setup("cannot stat backing folder", e))?;
         let root_fd = Arc::new(root);
-        let mut table = NodeTable {
-            next_foreign: FOREIGN_BASE,
-            ..Default::default()
-        };
-        table.nodes.insert(
-            ROOT,
-            Node {
-                fd: root_fd.clone(),
-                kind: FileKind::Dir,
-                refs: 1,
-                foreign_key: None,
-                link_at: None,
-            },
-        );
+        let table = NodeTable::new(root_fd.clone(), st.st_dev, st.st_ino);
         Ok(Vfs {
             root_fd,
-            root_dev: st.st_dev,
             root_ino: st.st_ino,
             nodes: RwLock::new(table),
             files: RwLock::new(HashMap::new()),
@@ -331,7 +289,7 @@ impl Vfs {
     /// Counters for `peerfs status`.
     pub fn stats(&self) -> Stats {
         let handles = (self.files.read().len() + self.dirs.read().len()) as u64;
-        let nodes = self.nodes.read().nodes.len() as u64;
+        let nodes = self.nodes.read().len() as u64;
         self.counters.snapshot(handles, nodes)
     }
 
@@ -348,71 +306,35 @@ impl Vfs {
         if id == ROOT {
             return Ok((self.root_fd.clone(), FileKind::Dir));
         }
-        let table = self.nodes.read();
-        let node = table.nodes.get(&id).ok_or(VfsError::UnknownNode(id))?;
-        Ok((node.fd.clone(), node.kind))
+        self.nodes.read().get(id).ok_or(VfsError::UnknownNode(id))
     }
 
     fn node_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>> {
         self.node(id).map(|(fd, _)| fd)
     }
 
-    /// Records one kernel reference to the inode behind `fd` and returns its attributes.
-    /// `at`: the directory and name it was found under (kept for symlinks).
-    fn remember(&self, fd: OwnedFd, st: &libc::stat, at: Option<(&Arc<OwnedFd>, &CStr)>) -> Attr {
+    /// Records one kernel reference to the inode behind `fd` (found as `parent/name` if `at` is
+    /// given) and returns its attributes.
+    fn remember(&self, fd: OwnedFd, st: &libc::stat, at: Option<(NodeId, &OsStr)>) -> Attr {
         let kind = FileKind::from_mode(st.st_mode);
-        let key = (st.st_dev, st.st_ino);
-        let mut table = self.nodes.write();
-        let id = if key == (self.root_dev, self.root_ino) {
-            ROOT
-        } else if st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < FOREIGN_BASE {
-            st.st_ino
-        } else if let Some(id) = table.foreign.get(&key) {
-            *id
-        } else {
-            let id = table.next_foreign;
-            table.next_foreign += 1;
-            table.foreign.insert(key, id);
-            id
-        };
-        let foreign_key = (id >= FOREIGN_BASE).then_some(key);
-        let link_at = match at {
-            Some((dir, name)) if kind == FileKind::Symlink => Some(LinkAt {
-                dir: dir.clone(),
-                name: name.to_owned(),
-            }),
-            _ => None,
-        };
-        table
+        let id = self
             .nodes
-            .entry(id)
-            .and_modify(|n| {
-                n.refs += 1;
-                if link_at.is_some() {
-                    n.link_at = link_at.clone();
-                }
-            })
-            .or_insert_with(|| Node {
-                fd: Arc::new(fd),
-                kind,
-                refs: 1,
-                foreign_key,
-                link_at,
-            });
+            .write()
+            .remember(fd, st.st_dev, st.st_ino, kind, at);
         attr_from_stat(id, st)
     }
 
     /// Looks `name` up in `parent` and records a kernel reference to it.
-    fn lookup_ref(&self, parent_fd: &Arc<OwnedFd>, name: &OsStr) -> Result<Attr> {
+    fn lookup_ref(&self, parent: NodeId, parent_fd: BorrowedFd<'_>, name: &OsStr) -> Result<Attr> {
         // The kernel never looks these up (no NFS export support is negotiated); refusing them
         // keeps `..` of the root from ever naming the folder above the watch set.
         if name == "." || name == ".." {
             return Err(VfsError::InvalidName);
         }
-        let name = cname(name)?;
-        let fd = sys::openat(parent_fd.as_fd(), &name, O_PATH_FLAGS, 0)?;
+        let cname = cname(name)?;
+        let fd = sys::openat(parent_fd, &cname, O_PATH_FLAGS, 0)?;
         let st = sys::fstat(fd.as_fd())?;
-        Ok(self.remember(fd, &st, Some((parent_fd, &name))))
+        Ok(self.remember(fd, &st, Some((parent, name))))
     }
 
     /// Looks `name` up in `parent`; the kernel now holds one more reference to the result.
@@ -420,7 +342,7 @@ impl Vfs {
         bump(&self.counters.lookups);
         let r = self
             .node_fd(parent)
-            .and_then(|pfd| self.lookup_ref(&pfd, name));
+            .and_then(|pfd| self.lookup_ref(parent, pfd.as_fd(), name));
         // A missing name is the common answer to a lookup, not an error worth counting.
         if !matches!(&r, Err(VfsError::Os(Errno(libc::ENOENT)))) {
             return self.count(r);
@@ -443,32 +365,25 @@ impl Vfs {
         }
         if first {
             // The root: take the reference the caller will forget.
-            let mut table = self.nodes.write();
-            if let Some(n) = table.nodes.get_mut(&ROOT) {
-                n.refs += 1;
-            }
+            self.nodes.write().add_ref(ROOT);
         }
         Ok(current)
     }
 
+    /// The path of a node from the root of the watch set, as last seen (None once its name was
+    /// unlinked). Locks are keyed by it.
+    pub fn path(&self, id: NodeId) -> Option<RelPath> {
+        self.nodes.read().path_of(id)
+    }
+
+    /// The path `parent/name` would have.
+    pub fn child_path(&self, parent: NodeId, name: &OsStr) -> Option<RelPath> {
+        self.nodes.read().child_path(parent, name)
+    }
+
     /// Drops `n` kernel references to `id`.
     pub fn forget(&self, id: NodeId, n: u64) {
-        if id == ROOT {
-            return;
-        }
-        let mut table = self.nodes.write();
-        let Some(node) = table.nodes.get_mut(&id) else {
-            tracing::debug!(id, "forget of an unknown node");
-            return;
-        };
-        node.refs = node.refs.saturating_sub(n);
-        if node.refs == 0 {
-            if let Some(node) = table.nodes.remove(&id) {
-                if let Some(key) = node.foreign_key {
-                    table.foreign.remove(&key);
-                }
-            }
-        }
+        self.nodes.write().forget(id, n);
     }
 
     // ---- attributes ----------------------------------------------------------------------
@@ -538,7 +453,7 @@ impl Vfs {
             let _creds = CallerCreds::assume(caller.uid, caller.gid, caller.pid);
             make(pfd.as_fd(), &cname)?;
         }
-        self.lookup_ref(&pfd, name)
+        self.lookup_ref(parent, pfd.as_fd(), name)
     }
 
     pub fn mknod(
@@ -621,7 +536,7 @@ impl Vfs {
             let proc = ProcPath::new(fd.as_fd());
             let path_fd = sys::open_path(proc.as_cstr(), libc::O_PATH, 0)?;
             let st = sys::fstat(fd.as_fd())?;
-            let attr = self.remember(path_fd, &st, None);
+            let attr = self.remember(path_fd, &st, Some((parent, name)));
             let fh = self.add_file(fd, attr.ino);
             let sets_id = sets_id(st.st_mode);
             Ok((attr, Opened { fh, sets_id }))
@@ -636,6 +551,9 @@ impl Vfs {
         let r = self
             .node_fd(parent)
             .and_then(|pfd| sys::unlinkat(pfd.as_fd(), &cname(name)?, 0));
+        if r.is_ok() {
+            self.nodes.write().unlinked(parent, name);
+        }
         self.count(r)
     }
 
@@ -644,6 +562,9 @@ impl Vfs {
         let r = self
             .node_fd(parent)
             .and_then(|pfd| sys::unlinkat(pfd.as_fd(), &cname(name)?, libc::AT_REMOVEDIR));
+        if r.is_ok() {
+            self.nodes.write().unlinked(parent, name);
+        }
         self.count(r)
     }
 
@@ -667,35 +588,16 @@ impl Vfs {
                 &newname,
                 flags.0,
             )?;
-            self.moved(&new_dir, &newname);
-            if flags.0 & RenameFlags::EXCHANGE != 0 {
-                self.moved(&old_dir, &cname(name)?);
-            }
+            self.nodes.write().renamed(
+                parent,
+                name,
+                newparent,
+                OsStr::from_bytes(newname.as_bytes()),
+                flags.0 & RenameFlags::EXCHANGE != 0,
+            );
             Ok(())
         })();
         self.count(r)
-    }
-
-    /// After a rename: if `dir/name` is a symlink the kernel knows, remember its new place.
-    fn moved(&self, dir: &Arc<OwnedFd>, name: &CStr) {
-        let Ok(st) = sys::fstatat(dir.as_fd(), name) else {
-            return;
-        };
-        if FileKind::from_mode(st.st_mode) != FileKind::Symlink {
-            return;
-        }
-        let mut table = self.nodes.write();
-        let id = if st.st_dev == self.root_dev && st.st_ino < FOREIGN_BASE {
-            Some(st.st_ino)
-        } else {
-            table.foreign.get(&(st.st_dev, st.st_ino)).copied()
-        };
-        if let Some(node) = id.and_then(|id| table.nodes.get_mut(&id)) {
-            node.link_at = Some(LinkAt {
-                dir: dir.clone(),
-                name: name.to_owned(),
-            });
-        }
     }
 
     // ---- files -----------------------------------------------------------------------------
@@ -848,7 +750,8 @@ impl Vfs {
             self.dirs.write().insert(
                 fh,
                 Arc::new(DirHandle {
-                    fd: Arc::new(dir),
+                    fd: dir,
+                    node: id,
                     entries: Mutex::new(Vec::new()),
                 }),
             );
@@ -887,7 +790,7 @@ impl Vfs {
                 let name = OsStr::from_bytes(&raw.name);
                 let dot = raw.name == b"." || raw.name == b"..";
                 let (kind, attr) = if plus && !dot {
-                    match self.lookup_ref(&dir.fd, name) {
+                    match self.lookup_ref(dir.node, dir.fd.as_fd(), name) {
                         Ok(a) => (a.kind, Some(a)),
                         // Gone since the snapshot: leave it out, as a fresh listing would.
                         Err(VfsError::Os(Errno(libc::ENOENT))) => continue,
@@ -985,27 +888,18 @@ impl Vfs {
     /// as libfuse's passthrough_hp does for every symlink.
     fn xattr_target(&self, id: NodeId) -> Result<sys::xattr::Target> {
         bump(&self.counters.xattr_ops);
-        let (fd, link_at) = {
-            let table = self.nodes.read();
-            match table.nodes.get(&id) {
-                Some(n) => (
-                    n.fd.clone(),
-                    (n.kind == FileKind::Symlink).then(|| n.link_at.clone()),
-                ),
-                None if id == ROOT => (self.root_fd.clone(), None),
-                None => return Err(VfsError::UnknownNode(id)),
-            }
-        };
-        let Some(link_at) = link_at else {
+        let (fd, kind) = self.node(id)?;
+        if kind != FileKind::Symlink {
             return Ok(sys::xattr::Target::Fd(fd));
-        };
-        let Some(at) = link_at else {
+        }
+        let Some((dir, name)) = self.nodes.read().loc_of(id) else {
             return Err(VfsError::os(libc::ENOTSUP));
         };
+        let name = cname(&name)?;
         let want = sys::fstat(fd.as_fd())?;
-        match sys::fstatat(at.dir.as_fd(), &at.name) {
+        match sys::fstatat(dir.as_fd(), &name) {
             Ok(st) if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino) => {
-                Ok(sys::xattr::Target::Link(at.dir, at.name))
+                Ok(sys::xattr::Target::Link(dir, name))
             }
             _ => Err(VfsError::os(libc::ENOTSUP)),
         }

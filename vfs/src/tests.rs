@@ -74,8 +74,11 @@ fn resolve_walks_from_the_root_and_keeps_one_reference() {
     let path = RelPath::new(b"x/y/z").expect("path");
     let attr = vfs.resolve(&path).expect("resolve");
     assert_eq!(attr.size, 5);
-    // Root plus the final node: the intermediate directories were forgotten again.
-    assert_eq!(vfs.stats().known_nodes, 2);
+    // The kernel-style reference is on the final node only; the folders above it stay in the
+    // table as its ancestors (its path must stay buildable) and go with it.
+    assert_eq!(vfs.stats().known_nodes, 4);
+    vfs.forget(attr.ino, 1);
+    assert_eq!(vfs.stats().known_nodes, 1, "only the root is left");
     let missing = RelPath::new(b"x/nope").expect("path");
     assert!(matches!(
         vfs.resolve(&missing),
@@ -113,4 +116,121 @@ fn readdir_resumes_at_the_offset_it_returned() {
     let mut want: Vec<OsString> = (0..50).map(|i| format!("f{i}").into()).collect();
     want.sort();
     assert_eq!(names, want);
+}
+
+fn path_str(vfs: &Vfs, id: NodeId) -> Option<String> {
+    vfs.path(id).map(|p| p.to_string())
+}
+
+#[test]
+fn paths_follow_renames_of_the_node_and_its_ancestors() {
+    let (_dir, vfs) = drive();
+    let a = vfs
+        .mkdir(ROOT_CALLER, ROOT, OsStr::new("a"), 0o755)
+        .expect("mkdir");
+    let b = vfs
+        .mkdir(ROOT_CALLER, a.ino, OsStr::new("b"), 0o755)
+        .expect("mkdir");
+    let (f, h) = vfs
+        .create(
+            ROOT_CALLER,
+            b.ino,
+            OsStr::new("doc.txt"),
+            0o644,
+            libc::O_RDWR,
+        )
+        .expect("create");
+    vfs.release(h.fh).expect("release");
+    assert_eq!(path_str(&vfs, f.ino).as_deref(), Some("a/b/doc.txt"));
+    assert_eq!(path_str(&vfs, ROOT).as_deref(), Some(""));
+
+    // Renaming an ancestor moves every path below it.
+    vfs.rename(
+        ROOT,
+        OsStr::new("a"),
+        ROOT,
+        OsStr::new("z"),
+        RenameFlags::default(),
+    )
+    .expect("rename dir");
+    assert_eq!(path_str(&vfs, f.ino).as_deref(), Some("z/b/doc.txt"));
+
+    // Renaming the file itself, across folders.
+    vfs.rename(
+        b.ino,
+        OsStr::new("doc.txt"),
+        ROOT,
+        OsStr::new("top.txt"),
+        RenameFlags::default(),
+    )
+    .expect("rename file");
+    assert_eq!(path_str(&vfs, f.ino).as_deref(), Some("top.txt"));
+
+    // The kernel forgetting the directories does not lose the file's path: they stay while
+    // they have children, and go once the last child is gone.
+    vfs.forget(a.ino, 1);
+    vfs.forget(b.ino, 1);
+    assert_eq!(path_str(&vfs, f.ino).as_deref(), Some("top.txt"));
+    assert!(
+        vfs.getattr(b.ino, None).is_err(),
+        "childless and forgotten: gone"
+    );
+}
+
+#[test]
+fn unlink_and_rename_over_clear_the_old_name() {
+    let (_dir, vfs) = drive();
+    let mk = |name: &str| {
+        let (a, h) = vfs
+            .create(ROOT_CALLER, ROOT, OsStr::new(name), 0o644, libc::O_RDWR)
+            .expect("create");
+        vfs.release(h.fh).expect("release");
+        a.ino
+    };
+    let doc = mk("doc");
+    let tmp = mk("tmp");
+    // Word's save: the temp is renamed over the document.
+    vfs.rename(
+        ROOT,
+        OsStr::new("tmp"),
+        ROOT,
+        OsStr::new("doc"),
+        RenameFlags::default(),
+    )
+    .expect("rename over");
+    assert_eq!(path_str(&vfs, tmp).as_deref(), Some("doc"));
+    assert_eq!(
+        path_str(&vfs, doc),
+        None,
+        "the replaced file has no name any more"
+    );
+    vfs.unlink(ROOT, OsStr::new("doc")).expect("unlink");
+    assert_eq!(path_str(&vfs, tmp), None);
+}
+
+#[test]
+fn exchange_swaps_paths() {
+    let (_dir, vfs) = drive();
+    let a = vfs
+        .mkdir(ROOT_CALLER, ROOT, OsStr::new("a"), 0o755)
+        .expect("mkdir");
+    let b = vfs
+        .mknod(ROOT_CALLER, ROOT, OsStr::new("b"), libc::S_IFREG | 0o644, 0)
+        .expect("mknod");
+    vfs.rename(
+        ROOT,
+        OsStr::new("a"),
+        ROOT,
+        OsStr::new("b"),
+        RenameFlags(RenameFlags::EXCHANGE),
+    )
+    .expect("exchange");
+    assert_eq!(path_str(&vfs, a.ino).as_deref(), Some("b"));
+    assert_eq!(path_str(&vfs, b.ino).as_deref(), Some("a"));
+    assert_eq!(
+        vfs.child_path(a.ino, OsStr::new("x"))
+            .map(|p| p.to_string())
+            .as_deref(),
+        Some("b/x")
+    );
 }
