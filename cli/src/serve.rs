@@ -209,10 +209,8 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
         control::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
     cleanup.socket = Some(socket);
 
-    let vfs = Vfs::new(VfsConfig {
-        backing: cfg.backing.clone(),
-    })
-    .map_err(|e| anyhow!("cannot open backing {}: {e}", cfg.backing.display()))?;
+    let vfs = Vfs::new(VfsConfig::new(cfg.backing.clone()))
+        .map_err(|e| anyhow!("cannot open backing {}: {e}", cfg.backing.display()))?;
     let vfs = Arc::new(vfs);
 
     let opts = MountOptions {

@@ -13,9 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (Some(backing), Some(mountpoint)) = (args.next(), args.next()) else {
         return Err("usage: bare_mount BACKING MOUNTPOINT".into());
     };
-    let vfs = peerfs_vfs::Vfs::new(peerfs_vfs::VfsConfig {
-        backing: backing.into(),
-    })?;
+    let vfs = peerfs_vfs::Vfs::new(peerfs_vfs::VfsConfig::new(backing.into()))?;
     let opts = peerfs_fs_linux::MountOptions {
         passthrough: std::env::var_os("PEERFS_PASSTHROUGH").is_none_or(|v| v != "0"),
         cache_ttl: std::time::Duration::from_secs(

@@ -300,6 +300,9 @@ pub fn errno(e: &VfsError) -> Errno {
         VfsError::UnknownNode(_) => Errno::ESTALE,
         VfsError::UnknownHandle(_) => Errno::EBADF,
         VfsError::InvalidName => Errno::EINVAL,
+        // ETXTBSY, not EBUSY/EACCES/EAGAIN: smbd maps exactly this one to
+        // NT_STATUS_SHARING_VIOLATION ("file in use") and fails at once.
+        VfsError::Locked { .. } => Errno::ETXTBSY,
         VfsError::Setup { .. } => Errno::EIO,
     }
 }
@@ -384,7 +387,9 @@ fn undo_fuser_pre_epoch(t: SystemTime) -> SystemTime {
 /// Logs a failed operation at a level fitting its cause and returns its errno.
 fn fail(op: &str, e: &VfsError) -> Errno {
     match e {
-        VfsError::Os(_) | VfsError::InvalidName => debug!(op, error = %e, "failed"),
+        VfsError::Os(_) | VfsError::InvalidName | VfsError::Locked { .. } => {
+            debug!(op, error = %e, "failed")
+        }
         VfsError::UnknownNode(_) | VfsError::UnknownHandle(_) | VfsError::Setup { .. } => {
             warn!(op, error = %e, "failed")
         }

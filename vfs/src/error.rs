@@ -20,6 +20,13 @@ pub enum VfsError {
     /// The kernel named a file or directory handle this drive does not know.
     #[error("unknown handle {0}")]
     UnknownHandle(u64),
+    /// Another peer holds the write lock on `path` (or on something below it, for a folder).
+    /// Linux maps this to ETXTBSY, which Samba turns into a sharing violation ("file in use").
+    #[error("{path} is locked by peer {holder}")]
+    Locked {
+        path: peerfs_proto::RelPath,
+        holder: String,
+    },
     /// A name that cannot exist on the backing filesystem (an interior NUL byte).
     #[error("invalid name")]
     InvalidName,

@@ -175,17 +175,53 @@ pub trait Invalidator: Send + Sync {
     fn inode(&self, node: NodeId);
 }
 
+/// Cross-peer write locks, as the drive needs them (lockd provides them; tests may fake them).
+/// Locks are keyed by path; temp and owner files (see [`exclude`]) never reach this.
+pub trait Locks: Send + Sync {
+    /// Takes, or shares with this server's other writers, the write lock on `path`. Blocks at
+    /// most the lock service's request timeout.
+    fn acquire(&self, path: &RelPath) -> std::result::Result<(), LockDenied>;
+    /// Drops one reference taken by `acquire`; the lock lingers briefly before it is released
+    /// to the peers (an application's close-and-reopen save must not let another office in).
+    fn release(&self, path: &RelPath);
+    /// The holder of a lock on `dir` or on any path below it held by another peer, if any
+    /// (a folder with a locked document inside cannot be renamed or removed).
+    fn held_below(&self, dir: &RelPath) -> Option<LockDenied>;
+}
+
+/// Another peer holds the lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockDenied {
+    /// The holding peer, as operators know it (its configured name).
+    pub holder: String,
+}
+
 /// Settings of a drive.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct VfsConfig {
     /// The watch set: the folder the drive shows.
     pub backing: PathBuf,
+    /// Temp and owner files that are never locked across peers (nor replicated).
+    pub excludes: exclude::Excludes,
+}
+
+impl VfsConfig {
+    /// A drive over `backing` with the default exclusions.
+    pub fn new(backing: PathBuf) -> VfsConfig {
+        VfsConfig {
+            backing,
+            excludes: exclude::Excludes::defaults(),
+        }
+    }
 }
 
 /// An open file.
 pub struct FileHandle {
     fd: OwnedFd,
     node: NodeId,
+    /// The path whose lock this write handle holds: the name it was opened under (renaming the
+    /// open file away does not move the lock).
+    lock: Option<RelPath>,
 }
 
 impl FileHandle {
@@ -226,6 +262,8 @@ pub struct Vfs {
     next_fh: AtomicU64,
     counters: Counters,
     invalidator: std::sync::OnceLock<Box<dyn Invalidator>>,
+    locks: std::sync::OnceLock<Arc<dyn Locks>>,
+    excludes: exclude::Excludes,
 }
 
 const O_PATH_FLAGS: i32 = libc::O_PATH | libc::O_NOFOLLOW;
@@ -266,7 +304,67 @@ impl Vfs {
             next_fh: AtomicU64::new(1),
             counters: Counters::default(),
             invalidator: std::sync::OnceLock::new(),
+            locks: std::sync::OnceLock::new(),
+            excludes: cfg.excludes,
         })
+    }
+
+    /// Installs the cross-peer lock service (once, before mounting; later calls are ignored).
+    pub fn set_locks(&self, locks: Arc<dyn Locks>) {
+        if self.locks.set(locks).is_err() {
+            tracing::warn!("lock service already installed");
+        }
+    }
+
+    /// The lock a change of `path` needs, if any: none without a lock service, for names that
+    /// no longer resolve, and for temp and owner files.
+    fn lockable(&self, path: Option<RelPath>) -> Option<(&dyn Locks, RelPath)> {
+        let locks = self.locks.get()?;
+        let path = path?;
+        if path.is_root() || self.excludes.is_excluded(&path) {
+            return None;
+        }
+        Some((locks.as_ref(), path))
+    }
+
+    /// Takes the lock on `path` for a writer; the returned guard releases it unless kept.
+    fn lock(&self, path: Option<RelPath>, what: &str) -> Result<Option<LockGuard<'_>>> {
+        let Some((locks, path)) = self.lockable(path) else {
+            return Ok(None);
+        };
+        match locks.acquire(&path) {
+            Ok(()) => Ok(Some(LockGuard {
+                locks,
+                path: Some(path),
+            })),
+            Err(denied) => {
+                bump(&self.counters.lock_denials);
+                tracing::info!(path = %path, holder = %denied.holder, "{what} refused: locked by peer");
+                Err(VfsError::Locked {
+                    path,
+                    holder: denied.holder,
+                })
+            }
+        }
+    }
+
+    /// Refuses to move or remove folder `dir` while another peer holds a lock below it.
+    fn check_below(&self, dir: Option<RelPath>, what: &str) -> Result<()> {
+        let Some(locks) = self.locks.get() else {
+            return Ok(());
+        };
+        let Some(dir) = dir else { return Ok(()) };
+        match locks.held_below(&dir) {
+            None => Ok(()),
+            Some(denied) => {
+                bump(&self.counters.lock_denials);
+                tracing::info!(path = %dir, holder = %denied.holder, "{what} refused: a lock is held below");
+                Err(VfsError::Locked {
+                    path: dir,
+                    holder: denied.holder,
+                })
+            }
+        }
     }
 
     /// Installs the adapter's cache invalidation (once; later calls are ignored).
@@ -415,10 +513,17 @@ impl Vfs {
                 sys::fchownat_fd(fd, set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
             }
             if let Some(size) = set.size {
+                let handle = fh.and_then(|fh| self.files.read().get(&fh).cloned());
+                // A truncate changes the document: it needs the lock, unless it comes through a
+                // write handle that already holds it.
+                let _guard = match &handle {
+                    Some(h) if h.lock.is_some() => None,
+                    _ => self.lock(self.path(id), "truncate")?,
+                };
                 if set.kill_suidgid {
                     kill_suidgid_fd(fd)?;
                 }
-                match fh.and_then(|fh| self.files.read().get(&fh).cloned()) {
+                match handle {
                     Some(h) => sys::ftruncate(h.fd.as_fd(), size)?,
                     None => sys::truncate_fd_path(fd, size)?,
                 }
@@ -448,6 +553,8 @@ impl Vfs {
     ) -> Result<Attr> {
         let pfd = self.node_fd(parent)?;
         let cname = cname(name)?;
+        // Creating a name (a node, a folder, a symlink, a hard link) takes that name's lock.
+        let _guard = self.lock(self.child_path(parent, name), "create")?;
         {
             thread_setup();
             let _creds = CallerCreds::assume(caller.uid, caller.gid, caller.pid);
@@ -521,6 +628,8 @@ impl Vfs {
         let r = (|| {
             let pfd = self.node_fd(parent)?;
             let cname = cname(name)?;
+            // Creating a name takes its lock, also for a create that only opens an existing file.
+            let guard = self.lock(self.child_path(parent, name), "create")?;
             let fd = {
                 thread_setup();
                 let _creds = CallerCreds::assume(caller.uid, caller.gid, caller.pid);
@@ -537,7 +646,13 @@ impl Vfs {
             let path_fd = sys::open_path(proc.as_cstr(), libc::O_PATH, 0)?;
             let st = sys::fstat(fd.as_fd())?;
             let attr = self.remember(path_fd, &st, Some((parent, name)));
-            let fh = self.add_file(fd, attr.ino);
+            // A create opened for reading only (O_CREAT|O_RDONLY) does not keep the lock.
+            let lock = if writes(flags) {
+                guard.and_then(LockGuard::keep)
+            } else {
+                None
+            };
+            let fh = self.add_file(fd, attr.ino, lock);
             let sets_id = sets_id(st.st_mode);
             Ok((attr, Opened { fh, sets_id }))
         })();
@@ -548,9 +663,11 @@ impl Vfs {
 
     pub fn unlink(&self, parent: NodeId, name: &OsStr) -> Result<()> {
         bump(&self.counters.unlinks);
-        let r = self
-            .node_fd(parent)
-            .and_then(|pfd| sys::unlinkat(pfd.as_fd(), &cname(name)?, 0));
+        // smbd deletes without opening: the delete itself must respect another peer's lock.
+        let r = self.node_fd(parent).and_then(|pfd| {
+            let _guard = self.lock(self.child_path(parent, name), "unlink")?;
+            sys::unlinkat(pfd.as_fd(), &cname(name)?, 0)
+        });
         if r.is_ok() {
             self.nodes.write().unlinked(parent, name);
         }
@@ -559,9 +676,10 @@ impl Vfs {
 
     pub fn rmdir(&self, parent: NodeId, name: &OsStr) -> Result<()> {
         bump(&self.counters.rmdirs);
-        let r = self
-            .node_fd(parent)
-            .and_then(|pfd| sys::unlinkat(pfd.as_fd(), &cname(name)?, libc::AT_REMOVEDIR));
+        let r = self.node_fd(parent).and_then(|pfd| {
+            self.check_below(self.child_path(parent, name), "rmdir")?;
+            sys::unlinkat(pfd.as_fd(), &cname(name)?, libc::AT_REMOVEDIR)
+        });
         if r.is_ok() {
             self.nodes.write().unlinked(parent, name);
         }
@@ -580,10 +698,12 @@ impl Vfs {
         let r = (|| {
             let old_dir = self.node_fd(parent)?;
             let new_dir = self.node_fd(newparent)?;
+            let oldname = cname(name)?;
+            let _guards = self.lock_rename(&old_dir, parent, name, &new_dir, newparent, newname)?;
             let newname = cname(newname)?;
             sys::renameat2(
                 old_dir.as_fd(),
-                &cname(name)?,
+                &oldname,
                 new_dir.as_fd(),
                 &newname,
                 flags.0,
@@ -600,13 +720,47 @@ impl Vfs {
         self.count(r)
     }
 
+    /// The locks a rename needs: renaming a name away and renaming onto a name both take that
+    /// name's lock (vim renames the document away with no handle open; Office renames a temp
+    /// onto it), and a folder with another peer's lock below it cannot move or be replaced.
+    fn lock_rename(
+        &self,
+        old_dir: &OwnedFd,
+        parent: NodeId,
+        name: &OsStr,
+        new_dir: &OwnedFd,
+        newparent: NodeId,
+        newname: &OsStr,
+    ) -> Result<[Option<LockGuard<'_>>; 2]> {
+        if self.locks.get().is_none() {
+            return Ok([None, None]);
+        }
+        let from = self.child_path(parent, name);
+        let to = self.child_path(newparent, newname);
+        let is_dir = |dir: &OwnedFd, n: &OsStr| {
+            cname(n)
+                .ok()
+                .and_then(|c| sys::fstatat(dir.as_fd(), &c).ok())
+                .is_some_and(|st| FileKind::from_mode(st.st_mode) == FileKind::Dir)
+        };
+        if is_dir(old_dir, name) {
+            self.check_below(from.clone(), "rename")?;
+        }
+        if is_dir(new_dir, newname) {
+            self.check_below(to.clone(), "rename")?;
+        }
+        let a = self.lock(from, "rename")?;
+        let b = self.lock(to, "rename onto")?;
+        Ok([a, b])
+    }
+
     // ---- files -----------------------------------------------------------------------------
 
-    fn add_file(&self, fd: OwnedFd, node: NodeId) -> u64 {
+    fn add_file(&self, fd: OwnedFd, node: NodeId, lock: Option<RelPath>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
             .write()
-            .insert(fh, Arc::new(FileHandle { fd, node }));
+            .insert(fh, Arc::new(FileHandle { fd, node, lock }));
         fh
     }
 
@@ -625,7 +779,14 @@ impl Vfs {
     pub fn open(&self, id: NodeId, flags: i32, kill_suidgid: bool) -> Result<Opened> {
         bump(&self.counters.opens);
         let r = (|| {
-            let fd = self.node_fd(id)?;
+            let (fd, kind) = self.node(id)?;
+            // A read-write open takes the name's lock before anything else happens; read-only
+            // opens never lock. (Directories and devices are not documents.)
+            let guard = if writes(flags) && kind == FileKind::File {
+                self.lock(self.path(id), "write-open")?
+            } else {
+                None
+            };
             if kill_suidgid && flags & libc::O_TRUNC != 0 {
                 self.kill_suidgid(id, fd.as_fd())?;
             }
@@ -634,7 +795,7 @@ impl Vfs {
             let file = sys::open_path(proc.as_cstr(), flags, 0)?;
             let sets_id = sets_id(sys::fstat(file.as_fd())?.st_mode);
             Ok(Opened {
-                fh: self.add_file(file, id),
+                fh: self.add_file(file, id, guard.and_then(LockGuard::keep)),
                 sets_id,
             })
         })();
@@ -692,8 +853,15 @@ impl Vfs {
     /// The last reference to an open file went away.
     pub fn release(&self, fh: u64) -> Result<()> {
         bump(&self.counters.releases);
-        match self.files.write().remove(&fh) {
-            Some(_) => Ok(()),
+        let handle = self.files.write().remove(&fh);
+        match handle {
+            Some(h) => {
+                // The last write handle of a name lets its lock go (lockd counts references).
+                if let (Some(path), Some(locks)) = (&h.lock, self.locks.get()) {
+                    locks.release(path);
+                }
+                Ok(())
+            }
             None => self.count(Err(VfsError::UnknownHandle(fh))),
         }
     }
@@ -971,6 +1139,32 @@ fn kill_suidgid_fd(fd: BorrowedFd<'_>) -> Result<bool> {
     }
     sys::fchmod_fd(fd, new)?;
     Ok(true)
+}
+
+/// Whether open flags ask for writing (or truncating, which writes).
+fn writes(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+/// One reference on a path's lock, released when dropped unless kept by a write handle.
+struct LockGuard<'a> {
+    locks: &'a dyn Locks,
+    path: Option<RelPath>,
+}
+
+impl LockGuard<'_> {
+    /// Hands the reference over to a write handle (released at its release).
+    fn keep(mut self) -> Option<RelPath> {
+        self.path.take()
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            self.locks.release(&path);
+        }
+    }
 }
 
 fn sized_reply(mut buf: Vec<u8>, n: usize, size: u32) -> XattrReply {

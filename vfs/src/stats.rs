@@ -54,6 +54,7 @@ counters!(
     mknods,
     xattr_ops,
     errors,
+    lock_denials,
 );
 
 pub(crate) fn bump(c: &AtomicU64) {

@@ -2,13 +2,11 @@
 //! path resolution and the refusal of names that could leave the watch set.
 
 use super::*;
+use parking_lot::Mutex;
 
 fn drive() -> (tempfile::TempDir, Vfs) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let vfs = Vfs::new(VfsConfig {
-        backing: dir.path().to_path_buf(),
-    })
-    .expect("vfs");
+    let vfs = Vfs::new(VfsConfig::new(dir.path().to_path_buf())).expect("vfs");
     (dir, vfs)
 }
 
@@ -232,5 +230,211 @@ fn exchange_swaps_paths() {
             .map(|p| p.to_string())
             .as_deref(),
         Some("b/x")
+    );
+}
+
+/// A lock service stand-in: `held` paths belong to peer "b"; every call is logged.
+#[derive(Default)]
+struct FakeLocks {
+    held: Mutex<Vec<String>>,
+    log: Mutex<Vec<String>>,
+}
+
+impl Locks for FakeLocks {
+    fn acquire(&self, path: &RelPath) -> std::result::Result<(), LockDenied> {
+        self.log.lock().push(format!("acquire {path}"));
+        if self.held.lock().iter().any(|h| h == &path.to_string()) {
+            return Err(LockDenied { holder: "b".into() });
+        }
+        Ok(())
+    }
+    fn release(&self, path: &RelPath) {
+        self.log.lock().push(format!("release {path}"));
+    }
+    fn held_below(&self, dir: &RelPath) -> Option<LockDenied> {
+        let dir = dir.to_string();
+        self.held
+            .lock()
+            .iter()
+            .any(|h| *h == dir || h.starts_with(&format!("{dir}/")))
+            .then(|| LockDenied { holder: "b".into() })
+    }
+}
+
+fn locked_drive() -> (tempfile::TempDir, Vfs, Arc<FakeLocks>) {
+    let (dir, vfs) = drive();
+    let locks = Arc::new(FakeLocks::default());
+    vfs.set_locks(locks.clone());
+    (dir, vfs, locks)
+}
+
+fn is_locked<T: std::fmt::Debug>(r: Result<T>) -> bool {
+    matches!(r, Err(VfsError::Locked { ref holder, .. }) if holder == "b")
+}
+
+#[test]
+fn write_opens_lock_and_read_opens_never_do() {
+    let (dir, vfs, locks) = locked_drive();
+    std::fs::write(dir.path().join("doc.docx"), b"x").expect("write");
+    let doc = vfs.lookup(ROOT, OsStr::new("doc.docx")).expect("lookup");
+    let ro = vfs
+        .open(doc.ino, libc::O_RDONLY, false)
+        .expect("read-only open");
+    assert!(
+        locks.log.lock().is_empty(),
+        "a read-only open takes no lock"
+    );
+    let rw = vfs.open(doc.ino, libc::O_RDWR, false).expect("write open");
+    assert_eq!(*locks.log.lock(), vec!["acquire doc.docx"]);
+    vfs.release(ro.fh).expect("release");
+    vfs.release(rw.fh).expect("release");
+    assert_eq!(
+        *locks.log.lock(),
+        vec!["acquire doc.docx", "release doc.docx"]
+    );
+
+    locks.held.lock().push("doc.docx".into());
+    assert!(is_locked(vfs.open(doc.ino, libc::O_WRONLY, false)));
+    assert!(is_locked(vfs.open(
+        doc.ino,
+        libc::O_RDONLY | libc::O_TRUNC,
+        false
+    )));
+    let ro = vfs
+        .open(doc.ino, libc::O_RDONLY, false)
+        .expect("reads still work");
+    vfs.release(ro.fh).expect("release");
+    let set = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    assert!(
+        is_locked(vfs.setattr(doc.ino, None, set)),
+        "truncate by path"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("doc.docx")).expect("read"),
+        b"x"
+    );
+}
+
+#[test]
+fn namespace_changes_respect_a_peers_lock() {
+    let (dir, vfs, locks) = locked_drive();
+    std::fs::create_dir(dir.path().join("proj")).expect("mkdir");
+    std::fs::write(dir.path().join("proj/doc.docx"), b"x").expect("write");
+    std::fs::write(dir.path().join("other.txt"), b"y").expect("write");
+    locks.held.lock().push("proj/doc.docx".into());
+    let proj = vfs.lookup(ROOT, OsStr::new("proj")).expect("lookup");
+    let none = RenameFlags::default();
+
+    assert!(is_locked(vfs.unlink(proj.ino, OsStr::new("doc.docx"))));
+    assert!(is_locked(vfs.rename(
+        proj.ino,
+        OsStr::new("doc.docx"),
+        ROOT,
+        OsStr::new("x"),
+        none
+    )));
+    assert!(is_locked(vfs.rename(
+        ROOT,
+        OsStr::new("other.txt"),
+        proj.ino,
+        OsStr::new("doc.docx"),
+        none
+    )));
+    assert!(is_locked(vfs.create(
+        ROOT_CALLER,
+        proj.ino,
+        OsStr::new("doc.docx"),
+        0o644,
+        libc::O_RDWR
+    )));
+    // The folder holding a locked document can be neither moved nor removed.
+    assert!(is_locked(vfs.rename(
+        ROOT,
+        OsStr::new("proj"),
+        ROOT,
+        OsStr::new("p2"),
+        none
+    )));
+    std::fs::remove_file(dir.path().join("proj/doc.docx")).expect("rm behind");
+    assert!(is_locked(vfs.rmdir(ROOT, OsStr::new("proj"))));
+    // Nothing above changed the tree.
+    assert!(dir.path().join("proj").is_dir());
+    assert!(dir.path().join("other.txt").is_file());
+}
+
+#[test]
+fn temp_and_owner_files_never_lock() {
+    let (_dir, vfs, locks) = locked_drive();
+    for name in [
+        "~$arterly report.docx",
+        "A1B2C3D4.tmp",
+        "5EE27100",
+        ".~lock.notes.odt#",
+    ] {
+        let (a, h) = vfs
+            .create(
+                ROOT_CALLER,
+                ROOT,
+                OsStr::new(name),
+                0o644,
+                libc::O_RDWR | libc::O_EXCL,
+            )
+            .expect("create");
+        vfs.release(h.fh).expect("release");
+        let h = vfs.open(a.ino, libc::O_RDWR, false).expect("open");
+        vfs.release(h.fh).expect("release");
+        vfs.unlink(ROOT, OsStr::new(name)).expect("unlink");
+    }
+    assert!(locks.log.lock().is_empty(), "{:?}", locks.log.lock());
+}
+
+#[test]
+fn word_save_locks_the_document_name_only() {
+    let (dir, vfs, locks) = locked_drive();
+    std::fs::write(dir.path().join("report.docx"), b"v1").expect("write");
+    let doc = vfs.lookup(ROOT, OsStr::new("report.docx")).expect("lookup");
+    let held = vfs.open(doc.ino, libc::O_RDWR, false).expect("open");
+    let (_, tmp) = vfs
+        .create(
+            ROOT_CALLER,
+            ROOT,
+            OsStr::new("A1B2C3D4.tmp"),
+            0o644,
+            libc::O_RDWR | libc::O_EXCL,
+        )
+        .expect("temp");
+    vfs.write(tmp.fh, 0, b"v2", false).expect("write");
+    vfs.release(tmp.fh).expect("release");
+    let none = RenameFlags::default();
+    vfs.rename(
+        ROOT,
+        OsStr::new("report.docx"),
+        ROOT,
+        OsStr::new("~WRL0001.tmp"),
+        none,
+    )
+    .expect("doc away");
+    vfs.rename(
+        ROOT,
+        OsStr::new("A1B2C3D4.tmp"),
+        ROOT,
+        OsStr::new("report.docx"),
+        none,
+    )
+    .expect("temp onto doc");
+    vfs.release(held.fh).expect("close old");
+    vfs.unlink(ROOT, OsStr::new("~WRL0001.tmp"))
+        .expect("unlink backup");
+    let log = locks.log.lock().clone();
+    assert!(log.iter().all(|l| l.ends_with(" report.docx")), "{log:?}");
+    let acquires = log.iter().filter(|l| l.starts_with("acquire")).count();
+    let releases = log.iter().filter(|l| l.starts_with("release")).count();
+    assert_eq!(acquires, releases, "every reference is given back: {log:?}");
+    assert_eq!(
+        std::fs::read(dir.path().join("report.docx")).expect("read"),
+        b"v2"
     );
 }
