@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod daemon;
 mod duration;
+mod identity_cmd;
 mod logging;
 mod mountinfo;
 mod runtime;
@@ -50,6 +51,22 @@ enum Command {
         /// The mount point of the drive.
         mountpoint: PathBuf,
     },
+    /// Create this server's peer identity (key and certificate) in a state folder; prints
+    /// the peer id as the last line.
+    Init {
+        /// The state folder (created with mode 0700 if missing); use the config's `state`.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// This server's name, written into its certificate (default: the host name).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Print this server's peer id (from the identity in the state folder).
+    Id {
+        /// The state folder that `peerfs init` wrote to.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
     /// Show whether the drive is mounted, and its counters (exit code 3 when not mounted).
     Status {
         /// The TOML config file.
@@ -68,6 +85,8 @@ fn main() -> ExitCode {
         Command::Mount { config, daemon } => serve::mount_command(&config, daemon),
         Command::Unmount { mountpoint } => unmount::unmount_command(&mountpoint).map(|()| 0),
         Command::Status { config, json } => status::status_command(&config, json),
+        Command::Init { state, name } => identity_cmd::init_command(&state, name.as_deref()),
+        Command::Id { state } => identity_cmd::id_command(&state),
     };
     match result {
         Ok(code) => ExitCode::from(code),
