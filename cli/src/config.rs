@@ -45,6 +45,12 @@ struct RawConfig {
     peers: Vec<RawPeer>,
     #[serde(default)]
     drive: RawDrive,
+    #[serde(default)]
+    locks: RawLocks,
+    #[serde(default)]
+    network: RawNetwork,
+    #[serde(default)]
+    files: RawFiles,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,7 +58,33 @@ struct RawConfig {
 struct RawPeer {
     name: String,
     id: String,
-    address: String,
+    /// Optional: a peer without an address is accepted when it dials in, never dialled.
+    address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocks {
+    policy: Option<String>,
+    linger: Option<toml::Value>,
+    grace: Option<toml::Value>,
+    timeout: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    heartbeat: Option<toml::Value>,
+    dead_after: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    include: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,16 +111,70 @@ pub struct Config {
     pub listen: Option<String>,
     pub peers: Vec<Peer>,
     pub drive: DriveConfig,
+    pub locks: LocksConfig,
+    pub network: NetworkConfig,
+    pub files: FilesConfig,
 }
 
-/// One `[[peers]]` entry; reserved for the peers issue, validated now so configs written today
-/// keep working then.
+/// One `[[peers]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub name: String,
-    pub id: String,
-    /// Normalized `HOST:PORT`.
-    pub address: String,
+    pub id: peerfs_proto::PeerId,
+    /// Normalized `HOST:PORT`; None: only accepted, never dialled.
+    pub address: Option<String>,
+}
+
+/// What a write-open does while a configured peer is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockPolicy {
+    /// Proceed with the reachable peers' grants; reconcile later.
+    Available,
+    /// Refuse with ETXTBSY.
+    Strict,
+}
+
+/// The `[locks]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocksConfig {
+    pub policy: LockPolicy,
+    pub linger: Duration,
+    pub grace: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for LocksConfig {
+    fn default() -> Self {
+        LocksConfig {
+            policy: LockPolicy::Available,
+            linger: Duration::from_secs(1),
+            grace: Duration::from_secs(10),
+            timeout: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// The `[network]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub heartbeat: Duration,
+    pub dead_after: Duration,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            heartbeat: Duration::from_secs(1),
+            dead_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The `[files]` table: exclusion globs beyond the built-in temp/owner defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilesConfig {
+    pub exclude: Vec<String>,
+    pub include: Vec<String>,
 }
 
 /// The `[drive]` table: FUSE tuning handed to `peerfs_fs_linux::MountOptions`.
@@ -179,13 +265,16 @@ impl Config {
             if !seen.insert(pname.clone()) {
                 return Err(at(format!("name {pname:?} appears more than once")));
             }
-            let id = p.id.trim().to_string();
-            if id.is_empty() || id.contains(char::is_whitespace) {
-                return Err(at(format!(
-                    "peer {pname:?}: id must be non-empty and contain no spaces"
-                )));
-            }
-            let address = parse_host_port(&p.address)
+            let id: peerfs_proto::PeerId = p.id.trim().parse().map_err(|e| {
+                at(format!(
+                    "peer {pname:?}: id {:?}: {e} (copy it from `peerfs id` on that peer)",
+                    p.id
+                ))
+            })?;
+            let address = p
+                .address
+                .map(|a| parse_host_port(&a))
+                .transpose()
                 .map_err(|m| at(format!("peer {pname:?}: address: {m}")))?;
             peers.push(Peer {
                 name: pname,
@@ -219,6 +308,54 @@ impl Config {
             cache_ttl,
         };
 
+        let dur = |key: &str, v: Option<toml::Value>, default: Duration| -> Result<Duration> {
+            match v {
+                Some(toml::Value::String(text)) => {
+                    duration::parse(&text).map_err(|m| bad(format!("{key}: {m}")))
+                }
+                Some(other) => Err(bad(format!(
+                    "{key}: {other} is not a duration; write it with a unit, e.g. \"1s\" or \"500ms\""
+                ))),
+                None => Ok(default),
+            }
+        };
+        let ld = LocksConfig::default();
+        let policy = match raw.locks.policy.as_deref().map(str::trim) {
+            None | Some("available") => LockPolicy::Available,
+            Some("strict") => LockPolicy::Strict,
+            Some(other) => {
+                return Err(bad(format!(
+                    "locks.policy: {other:?} is neither \"available\" nor \"strict\""
+                )));
+            }
+        };
+        let locks = LocksConfig {
+            policy,
+            linger: dur("locks.linger", raw.locks.linger, ld.linger)?,
+            grace: dur("locks.grace", raw.locks.grace, ld.grace)?,
+            timeout: dur("locks.timeout", raw.locks.timeout, ld.timeout)?,
+        };
+        if locks.timeout.is_zero() {
+            return Err(bad("locks.timeout: must be more than 0".into()));
+        }
+        let nd = NetworkConfig::default();
+        let network = NetworkConfig {
+            heartbeat: dur("network.heartbeat", raw.network.heartbeat, nd.heartbeat)?,
+            dead_after: dur("network.dead_after", raw.network.dead_after, nd.dead_after)?,
+        };
+        if network.heartbeat.is_zero() || network.dead_after <= network.heartbeat {
+            return Err(bad(
+                "network: heartbeat must be more than 0 and dead_after longer than heartbeat"
+                    .into(),
+            ));
+        }
+        let files = FilesConfig {
+            exclude: raw.files.exclude,
+            include: raw.files.include,
+        };
+        peerfs_vfs::exclude::Excludes::new(&files.exclude, &files.include)
+            .map_err(|e| bad(format!("files: {e}")))?;
+
         Ok(Config {
             file: file.to_path_buf(),
             name,
@@ -229,7 +366,15 @@ impl Config {
             listen,
             peers,
             drive,
+            locks,
+            network,
+            files,
         })
+    }
+
+    /// Whether this server talks to peers at all (a lone drive needs no identity).
+    pub fn networked(&self) -> bool {
+        self.listen.is_some() || !self.peers.is_empty()
     }
 
     /// Checks the folders as `mount` needs them, and makes every path canonical.
@@ -554,15 +699,34 @@ state = "./state/a/"
     fn full_config_parses() {
         let text = format!(
             "{MINIMAL}log_level = \"debug\"\nlisten = \"0.0.0.0\"\n\
-             [[peers]]\nname = \"office-b\"\nid = \"abc\"\naddress = \"b.example.org:7444\"\n\
-             [[peers]]\nname = \"office-c\"\nid = \"def\"\naddress = \"[::1]\"\n\
-             [drive]\nallow_other = false\nthreads = 8\npassthrough = false\ncache_ttl = \"500ms\"\n"
+             [[peers]]\nname = \"office-b\"\nid = \"OR4L-B6GN-RNPW-TQDP-RBCZ-PDBP-SZF7-QMYU-ERIO-U2BO-VDZ2-ZAPX-3ITA\"\naddress = \"b.example.org:7444\"\n\
+             [[peers]]\nname = \"office-c\"\nid = \"MTJE-E4OB-UIJV-BWIP-LSLL-IDAA-PCZ2-WKD2-MGW3-MI5D-N7WA-EWXR-3P2Q\"\naddress = \"[::1]\"\n\
+             [drive]\nallow_other = false\nthreads = 8\npassthrough = false\ncache_ttl = \"500ms\"\n\
+             [locks]\npolicy = \"strict\"\nlinger = \"2s\"\ngrace = \"5s\"\ntimeout = \"800ms\"\n\
+             [network]\nheartbeat = \"250ms\"\ndead_after = \"2s\"\n\
+             [files]\nexclude = [\"*.bak\"]\ninclude = [\"keep.tmp\"]\n"
         );
         let c = parse(&text).expect("parses");
         assert_eq!(c.listen.as_deref(), Some("0.0.0.0:7333"));
         assert_eq!(c.peers.len(), 2);
-        assert_eq!(c.peers[0].address, "b.example.org:7444");
-        assert_eq!(c.peers[1].address, "[::1]:7333");
+        assert_eq!(c.peers[0].address.as_deref(), Some("b.example.org:7444"));
+        assert_eq!(c.peers[1].address.as_deref(), Some("[::1]:7333"));
+        assert_eq!(
+            c.peers[0].id.to_string(),
+            "OR4L-B6GN-RNPW-TQDP-RBCZ-PDBP-SZF7-QMYU-ERIO-U2BO-VDZ2-ZAPX-3ITA"
+        );
+        assert_eq!(
+            c.locks,
+            LocksConfig {
+                policy: LockPolicy::Strict,
+                linger: Duration::from_secs(2),
+                grace: Duration::from_secs(5),
+                timeout: Duration::from_millis(800),
+            }
+        );
+        assert_eq!(c.network.heartbeat, Duration::from_millis(250));
+        assert_eq!(c.files.exclude, vec!["*.bak".to_string()]);
+        assert!(c.networked());
         assert_eq!(
             c.drive,
             DriveConfig {
@@ -614,8 +778,21 @@ state = "./state/a/"
             ("[drive]\nthreads = 0\n", "drive.threads"),
             ("[drive]\ncache_ttl = \"1\"\n", "drive.cache_ttl"),
             ("[drive]\ncache_ttl = 1\n", "write it with a unit"),
+            ("[locks]\npolicy = \"maybe\"\n", "locks.policy"),
+            ("[locks]\ntimeout = \"0s\"\n", "locks.timeout"),
+            ("[locks]\nlinger = 5\n", "locks.linger"),
             (
-                "[[peers]]\nname = \"\"\nid = \"x\"\naddress = \"b\"\n",
+                "[network]\nheartbeat = \"2s\"\ndead_after = \"1s\"\n",
+                "dead_after",
+            ),
+            ("[files]\nexclude = [\"a[\"]\n", "files"),
+            ("[locks]\nbogus = 1\n", "bogus"),
+            (
+                "[[peers]]\nname = \"b\"\nid = \"not-an-id\"\naddress = \"b\"\n",
+                "peerfs id",
+            ),
+            (
+                "[[peers]]\nname = \"\"\nid = \"OR4L-B6GN-RNPW-TQDP-RBCZ-PDBP-SZF7-QMYU-ERIO-U2BO-VDZ2-ZAPX-3ITA\"\naddress = \"b\"\n",
                 "peers[0]: name",
             ),
             (
@@ -623,16 +800,16 @@ state = "./state/a/"
                 "id",
             ),
             (
-                "[[peers]]\nname = \"b\"\nid = \"x\"\naddress = \"\"\n",
+                "[[peers]]\nname = \"b\"\nid = \"OR4L-B6GN-RNPW-TQDP-RBCZ-PDBP-SZF7-QMYU-ERIO-U2BO-VDZ2-ZAPX-3ITA\"\naddress = \"\"\n",
                 "address",
             ),
             (
-                "[[peers]]\nname = \"office-a\"\nid = \"x\"\naddress = \"b\"\n",
+                "[[peers]]\nname = \"office-a\"\nid = \"OR4L-B6GN-RNPW-TQDP-RBCZ-PDBP-SZF7-QMYU-ERIO-U2BO-VDZ2-ZAPX-3ITA\"\naddress = \"b\"\n",
                 "own name",
             ),
             (
-                "[[peers]]\nname = \"b\"\nid = \"x\"\naddress = \"b\"\n\
-                 [[peers]]\nname = \"b\"\nid = \"y\"\naddress = \"c\"\n",
+                "[[peers]]\nname = \"b\"\nid = \"OR4L-B6GN-RNPW-TQDP-RBCZ-PDBP-SZF7-QMYU-ERIO-U2BO-VDZ2-ZAPX-3ITA\"\naddress = \"b\"\n\
+                 [[peers]]\nname = \"b\"\nid = \"MTJE-E4OB-UIJV-BWIP-LSLL-IDAA-PCZ2-WKD2-MGW3-MI5D-N7WA-EWXR-3P2Q\"\naddress = \"c\"\n",
                 "more than once",
             ),
         ] {

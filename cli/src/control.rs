@@ -51,6 +51,13 @@ impl Request {
             cmd: "status".into(),
         }
     }
+
+    pub fn locks() -> Request {
+        Request {
+            v: PROTOCOL_VERSION,
+            cmd: "locks".into(),
+        }
+    }
 }
 
 /// `{"v":1,"ok":true,"status":{...}}` or `{"v":1,"ok":false,"error":"..."}`.
@@ -62,6 +69,9 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// The answer to `locks`: `[{"path","holder","holder_id","since","fencing","local",...}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locks: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -71,6 +81,7 @@ impl Response {
             ok: false,
             error: Some(msg.into()),
             status: None,
+            locks: None,
         }
     }
 }
@@ -95,6 +106,10 @@ pub struct Status {
     /// `Vfs::stats()` as the daemon's vfs serializes it; kept as JSON so the client prints
     /// counters it does not know yet.
     pub stats: serde_json::Value,
+    /// The configured peers: `[{"name","id","address","connected","since","rtt_ms",...}]`;
+    /// empty for a drive without peers.
+    #[serde(default)]
+    pub peers: Vec<serde_json::Value>,
 }
 
 /// The `[drive]` settings the daemon runs with.
@@ -129,8 +144,19 @@ pub struct DaemonInfo {
     pub drive: DriveConfig,
 }
 
-/// Produces the current counters; in the daemon, `Vfs::stats()` serialized.
-pub type StatsSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Produces a JSON value on demand (counters, peers, locks).
+pub type Source = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Where the daemon's live answers come from.
+#[derive(Clone)]
+pub struct Sources {
+    /// `Vfs::stats()` serialized.
+    pub stats: Source,
+    /// The peers' connection states (an array); None without networking.
+    pub peers: Option<Source>,
+    /// The locks this server holds and knows of (an array); None without networking.
+    pub locks: Option<Source>,
+}
 
 /// Binds the socket (the caller removed any stale one) and restricts it to its owner: the
 /// socket exposes drive metadata, and later issues add commands that change state.
@@ -144,7 +170,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 pub fn spawn_server(
     listener: UnixListener,
     info: DaemonInfo,
-    stats: StatsSource,
+    sources: Sources,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("peerfs-control".into())
@@ -152,7 +178,7 @@ pub fn spawn_server(
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
-                        if let Err(e) = handle(stream, &info, &stats) {
+                        if let Err(e) = handle(stream, &info, &sources) {
                             tracing::debug!("control connection ended: {e}");
                         }
                     }
@@ -167,18 +193,18 @@ pub fn spawn_server(
         })
 }
 
-fn handle(stream: UnixStream, info: &DaemonInfo, stats: &StatsSource) -> io::Result<()> {
+fn handle(stream: UnixStream, info: &DaemonInfo, sources: &Sources) -> io::Result<()> {
     stream.set_read_timeout(Some(SERVER_IO_TIMEOUT))?;
     stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_REQUEST_BYTES)).read_line(&mut line)?;
-    let response = answer(&line, info, stats);
+    let response = answer(&line, info, sources);
     let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
     out.push(b'\n');
     (&stream).write_all(&out)
 }
 
-fn answer(line: &str, info: &DaemonInfo, stats: &StatsSource) -> Response {
+fn answer(line: &str, info: &DaemonInfo, sources: &Sources) -> Response {
     let req: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => return Response::error(format!("bad request: {e}")),
@@ -194,13 +220,26 @@ fn answer(line: &str, info: &DaemonInfo, stats: &StatsSource) -> Response {
             v: PROTOCOL_VERSION,
             ok: true,
             error: None,
-            status: Some(status_of(info, stats)),
+            status: Some(status_of(info, sources)),
+            locks: None,
+        },
+        "locks" => Response {
+            v: PROTOCOL_VERSION,
+            ok: true,
+            error: None,
+            status: None,
+            locks: Some(
+                sources
+                    .locks
+                    .as_ref()
+                    .map_or_else(|| serde_json::json!([]), |f| f()),
+            ),
         },
         other => Response::error(format!("unknown command {other:?}")),
     }
 }
 
-fn status_of(info: &DaemonInfo, stats: &StatsSource) -> Status {
+fn status_of(info: &DaemonInfo, sources: &Sources) -> Status {
     let since_unix = info
         .since
         .duration_since(UNIX_EPOCH)
@@ -222,7 +261,12 @@ fn status_of(info: &DaemonInfo, stats: &StatsSource) -> Status {
         uptime_secs,
         version: env!("CARGO_PKG_VERSION").to_string(),
         drive: DriveInfo::from(&info.drive),
-        stats: stats(),
+        stats: (sources.stats)(),
+        peers: sources
+            .peers
+            .as_ref()
+            .and_then(|f| f().as_array().cloned())
+            .unwrap_or_default(),
     }
 }
 
@@ -313,8 +357,12 @@ mod tests {
         }
     }
 
-    fn stats() -> StatsSource {
-        Arc::new(|| serde_json::json!({"lookups": 3, "reads": 1}))
+    fn stats() -> Sources {
+        Sources {
+            stats: Arc::new(|| serde_json::json!({"lookups": 3, "reads": 1})),
+            peers: None,
+            locks: Some(Arc::new(|| serde_json::json!([{"path": "a.docx"}]))),
+        }
     }
 
     #[test]
@@ -334,6 +382,11 @@ mod tests {
         assert_eq!(st.since, "2023-11-14T22:13:20Z");
         assert_eq!(st.stats["lookups"], 3);
         assert_eq!(st.drive.cache_ttl, "1s");
+        assert!(st.peers.is_empty());
+
+        let resp = request(&path, &Request::locks()).expect("answer");
+        assert!(resp.ok, "{resp:?}");
+        assert_eq!(resp.locks.expect("locks")[0]["path"], "a.docx");
 
         let resp = request(
             &path,

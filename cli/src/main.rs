@@ -10,6 +10,7 @@ mod duration;
 mod identity_cmd;
 mod logging;
 mod mountinfo;
+mod network;
 mod runtime;
 mod serve;
 mod signals;
@@ -76,6 +77,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the locks this server holds and knows of: path, holder, since (exit code 3 when
+    /// not mounted).
+    Locks {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +96,7 @@ fn main() -> ExitCode {
         Command::Mount { config, daemon } => serve::mount_command(&config, daemon),
         Command::Unmount { mountpoint } => unmount::unmount_command(&mountpoint).map(|()| 0),
         Command::Status { config, json } => status::status_command(&config, json),
+        Command::Locks { config, json } => status::locks_command(&config, json),
         Command::Init { state, name } => identity_cmd::init_command(&state, name.as_deref()),
         Command::Id { state } => identity_cmd::id_command(&state),
     };

@@ -20,12 +20,16 @@ use peerfs_fs_linux::{Drive, MountOptions};
 use peerfs_vfs::{Vfs, VfsConfig};
 
 use crate::config::Config;
-use crate::control::{self, ClientError, DaemonInfo, Request, StatsSource};
+use crate::control::{self, ClientError, DaemonInfo, Request, Sources};
 use crate::daemon::{self, Forked, Readiness};
 use crate::logging;
 use crate::mountinfo::{self, MountTable};
+use crate::network::Network;
 use crate::runtime::{self, PidFile, PidFileError, Record};
 use crate::signals::{self, Shutdown};
+
+/// How long the first write-opens may wait at mount for configured peers to be tried.
+const STARTUP_PEER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub fn mount_command(config_path: &Path, daemon: bool) -> Result<u8> {
     let mut cfg = Config::load(config_path)?;
@@ -40,6 +44,11 @@ pub fn mount_command(config_path: &Path, daemon: bool) -> Result<u8> {
     cfg.check_for_mount(&MountTable::read()?)?;
     peerfs_fs_linux::check_fuse_device().map_err(|e| anyhow!("cannot use /dev/fuse: {e}"))?;
 
+    if cfg.networked() {
+        // Checked before the fork: a missing or loose key is the user's to fix, on their
+        // terminal.
+        peerfs_proto::Identity::load(&cfg.state).map_err(|e| anyhow!("{e}"))?;
+    }
     create_state_dir(&cfg.state)?;
     let target = if daemon {
         logging::Target::File(open_log(&cfg.log_file())?)
@@ -52,17 +61,6 @@ pub fn mount_command(config_path: &Path, daemon: bool) -> Result<u8> {
         env!("CARGO_PKG_VERSION"),
         cfg.file.display()
     );
-    if cfg.listen.is_some() || !cfg.peers.is_empty() {
-        // Accepted now so configs written for the peers issue keep validating; say so plainly.
-        tracing::warn!(
-            "listen ({}) and {} configured peer(s) are not used yet by this version",
-            cfg.listen.as_deref().unwrap_or("unset"),
-            cfg.peers.len()
-        );
-        for peer in &cfg.peers {
-            tracing::debug!("peer {} id {} at {}", peer.name, peer.id, peer.address);
-        }
-    }
     if let Some(warning) = recovered {
         tracing::warn!("{warning}");
         if daemon {
@@ -209,9 +207,24 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
         control::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
     cleanup.socket = Some(socket);
 
-    let vfs = Vfs::new(VfsConfig::new(cfg.backing.clone()))
-        .map_err(|e| anyhow!("cannot open backing {}: {e}", cfg.backing.display()))?;
+    let excludes = peerfs_vfs::exclude::Excludes::new(&cfg.files.exclude, &cfg.files.include)
+        .map_err(|e| anyhow!("files: {e}"))?;
+    let vfs = Vfs::new(VfsConfig {
+        backing: cfg.backing.clone(),
+        excludes,
+    })
+    .map_err(|e| anyhow!("cannot open backing {}: {e}", cfg.backing.display()))?;
     let vfs = Arc::new(vfs);
+
+    let network = if cfg.networked() {
+        let net = Network::start(cfg)?;
+        vfs.set_locks(net.vfs_locks());
+        // Write-opens right after mount must see the peers that are up.
+        net.wait_for_peers(cfg, STARTUP_PEER_WAIT);
+        Some(net)
+    } else {
+        None
+    };
 
     let opts = MountOptions {
         allow_other: cfg.drive.allow_other,
@@ -248,13 +261,17 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
         drive: cfg.drive.clone(),
     };
     let stats_vfs = Arc::clone(&vfs);
-    let stats: StatsSource = Arc::new(move || {
-        serde_json::to_value(stats_vfs.stats())
-            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
-    });
+    let sources = Sources {
+        stats: Arc::new(move || {
+            serde_json::to_value(stats_vfs.stats())
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+        }),
+        peers: network.as_ref().map(Network::peers_source),
+        locks: network.as_ref().map(Network::locks_source),
+    };
     // Started after the mount: a status answer means "mounted". If the thread cannot start,
     // the drive still works; only `status` is blind, which the log says.
-    if let Err(e) = control::spawn_server(listener, info, stats) {
+    if let Err(e) = control::spawn_server(listener, info, sources) {
         tracing::error!(
             "cannot start the control socket server: {e}; `peerfs status` will not answer"
         );
@@ -277,6 +294,9 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
             cfg.mountpoint.display()
         ),
         Err(e) => tracing::error!("drive {} stopped with an error: {e}", cfg.name),
+    }
+    if let Some(net) = network {
+        net.shutdown();
     }
     drop(cleanup);
     result.with_context(|| format!("serving {} failed", cfg.mountpoint.display()))

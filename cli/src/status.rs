@@ -81,6 +81,89 @@ pub fn status_command(config_path: &Path, as_json: bool) -> Result<u8> {
     Ok(code)
 }
 
+/// `peerfs locks`: the locks the daemon holds and knows of.
+pub fn locks_command(config_path: &Path, as_json: bool) -> Result<u8> {
+    let cfg = Config::load(config_path)?;
+    let state = std::fs::canonicalize(&cfg.state).unwrap_or_else(|_| cfg.state.clone());
+    let socket = state.join("control.sock");
+    let mut out = String::new();
+    let code = match control::request(&socket, &Request::locks()) {
+        Ok(resp) => {
+            let Some(locks) = resp.locks.filter(|_| resp.ok) else {
+                bail!(
+                    "the daemon on {} refused the locks request: {}",
+                    socket.display(),
+                    resp.error.unwrap_or_else(|| "no reason given".into())
+                );
+            };
+            if as_json {
+                outln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "locks": locks }))?
+                );
+            } else {
+                print_locks(&mut out, &locks);
+            }
+            0
+        }
+        Err(ClientError::NoDaemon(_)) => {
+            if as_json {
+                outln!(out, "{}", json!({ "mounted": false, "locks": [] }));
+            } else {
+                outln!(out, "drive {:?}: not mounted", cfg.name);
+            }
+            crate::EXIT_NOT_MOUNTED
+        }
+        Err(e @ ClientError::BadAnswer(_)) => return Err(anyhow::anyhow!("{e}")),
+    };
+    crate::print_stdout(&out)?;
+    Ok(code)
+}
+
+fn print_locks(out: &mut String, locks: &serde_json::Value) {
+    let rows = locks.as_array().map(Vec::as_slice).unwrap_or_default();
+    if rows.is_empty() {
+        outln!(out, "no locks");
+        return;
+    }
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+    let width = rows
+        .iter()
+        .map(|r| text(r, "path").len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    outln!(
+        out,
+        "{:<width$}  {:<16}  {:<20}  note",
+        "path",
+        "holder",
+        "since"
+    );
+    for r in rows {
+        let mut note = String::new();
+        if r["lingering"].as_bool() == Some(true) {
+            note.push_str("lingering");
+        } else if let Some(h) = r["handles"].as_u64().filter(|h| *h > 0) {
+            note.push_str(&format!("{h} handle(s)"));
+        }
+        if let Some(ms) = r["grace_left_ms"].as_u64() {
+            note.push_str(&format!(
+                "holder unreachable, expires in {:.1}s",
+                ms as f64 / 1000.0
+            ));
+        }
+        outln!(
+            out,
+            "{:<width$}  {:<16}  {:<20}  {note}",
+            text(r, "path"),
+            text(r, "holder"),
+            text(r, "since")
+        );
+    }
+}
+
 /// A peerfs mount at the configured mountpoint with no daemon answering: a killed daemon, or a
 /// daemon of another state folder mounted there.
 fn orphan_mount(cfg: &Config) -> bool {
@@ -118,6 +201,29 @@ fn print_mounted(out: &mut String, st: &Status) {
         st.drive.allow_other,
         st.drive.cache_ttl
     );
+    if !st.peers.is_empty() {
+        outln!(out, "peers");
+        for p in &st.peers {
+            let name = p["name"].as_str().unwrap_or("?");
+            let state = if p["connected"].as_bool() == Some(true) {
+                let rtt = p["rtt_ms"]
+                    .as_f64()
+                    .map(|ms| format!(", rtt {ms:.2} ms"))
+                    .unwrap_or_default();
+                format!(
+                    "connected since {}{rtt}",
+                    p["since"].as_str().unwrap_or("?")
+                )
+            } else {
+                let err = p["last_error"]
+                    .as_str()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                format!("not connected{err}")
+            };
+            outln!(out, "  {name:<16}  {state}");
+        }
+    }
     if let Some(counters) = st.stats.as_object() {
         outln!(out, "counters");
         let width = counters.keys().map(String::len).max().unwrap_or(0);

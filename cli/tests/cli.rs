@@ -341,12 +341,14 @@ fn bad_listen_and_peers() {
             "name",
         ),
         ("[[peers]]\nname = \"b\"\naddress = \"b\"\n", "`id`"),
-        ("[[peers]]\nname = \"b\"\nid = \"x\"\n", "`address`"),
+        ("[[peers]]\nname = \"b\"\nid = \"x\"\n", "peerfs id"),
         (
-            "[[peers]]\nname = \"b\"\nid = \"x\"\naddress = \"b\"\n\
-             [[peers]]\nname = \"b\"\nid = \"y\"\naddress = \"c\"\n",
+            "[[peers]]\nname = \"b\"\nid = \"OR4L-B6GN-RNPW-TQDP-RBCZ-PDBP-SZF7-QMYU-ERIO-U2BO-VDZ2-ZAPX-3ITA\"\naddress = \"b\"\n\
+             [[peers]]\nname = \"b\"\nid = \"MTJE-E4OB-UIJV-BWIP-LSLL-IDAA-PCZ2-WKD2-MGW3-MI5D-N7WA-EWXR-3P2Q\"\naddress = \"c\"\n",
             "more than once",
         ),
+        // A networked drive needs an identity: `peerfs init` first.
+        ("listen = \"127.0.0.1:0\"\n", "peerfs init"),
         ("[drive]\ncache_ttl = \"soon\"\n", "cache_ttl"),
     ] {
         let cfg = s.write_config("c.toml", "backing", "mnt", "state", extra);

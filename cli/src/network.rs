@@ -1,0 +1,301 @@
+//! Owns a serving daemon's link to its peers: the TLS mesh (proto), the lock service (lockd)
+//! and the glue between them, plus the `vfs::Locks` face the drive calls.
+//!
+//! The mesh and lockd run on a small tokio runtime of their own, started after the daemon's
+//! fork. The drive's FUSE threads are not runtime threads: they block in
+//! `LockService::acquire_blocking`, bounded by the lock timeout.
+
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow};
+use peerfs_lockd::{LockConfig, LockError, LockService, Policy};
+use peerfs_proto::mesh::{Mesh, MeshConfig, MeshEvent, PeerConfig, Priority};
+use peerfs_proto::msg::Message;
+use peerfs_proto::{Identity, PeerId, RelPath};
+use peerfs_vfs::{LockDenied, Locks};
+use serde_json::json;
+
+use crate::config::{Config, LockPolicy};
+
+/// The running network side of a daemon.
+pub struct Network {
+    runtime: tokio::runtime::Runtime,
+    mesh: Mesh,
+    locks: Arc<LockService>,
+    names: Arc<HashMap<PeerId, String>>,
+    me: PeerId,
+}
+
+impl Network {
+    /// Loads the identity, starts the mesh and the lock service.
+    pub fn start(cfg: &Config) -> Result<Network> {
+        let identity = Identity::load(&cfg.state).map_err(|e| anyhow!("{e}"))?;
+        let me = identity.id;
+        let listen = match &cfg.listen {
+            Some(l) => Some(
+                l.to_socket_addrs()
+                    .with_context(|| format!("listen {l}: cannot resolve"))?
+                    .next()
+                    .ok_or_else(|| anyhow!("listen {l}: resolves to no address"))?,
+            ),
+            None => None,
+        };
+        let peers: Vec<PeerConfig> = cfg
+            .peers
+            .iter()
+            .map(|p| PeerConfig {
+                name: p.name.clone(),
+                id: p.id,
+                address: p.address.clone(),
+            })
+            .collect();
+        let mut names: HashMap<PeerId, String> =
+            cfg.peers.iter().map(|p| (p.id, p.name.clone())).collect();
+        names.insert(me, cfg.name.clone());
+        let names = Arc::new(names);
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("peerfs-net")
+            .enable_all()
+            .build()
+            .context("cannot start the network runtime")?;
+
+        let lock_cfg = LockConfig {
+            linger: cfg.locks.linger,
+            grace: cfg.locks.grace,
+            request_timeout: cfg.locks.timeout,
+            policy: match cfg.locks.policy {
+                LockPolicy::Available => Policy::Available,
+                LockPolicy::Strict => Policy::Strict,
+            },
+        };
+        lock_cfg.validate().map_err(|e| anyhow!("locks: {e}"))?;
+        let mesh_cfg = MeshConfig {
+            listen,
+            peers,
+            heartbeat: cfg.network.heartbeat,
+            dead_after: cfg.network.dead_after,
+            ..MeshConfig::new(cfg.name.clone(), identity)
+        };
+
+        let (mesh, locks) = runtime.block_on(async {
+            let (mesh, mut events) =
+                Mesh::start(mesh_cfg)
+                    .await
+                    .with_context(|| match &cfg.listen {
+                        Some(l) => format!("cannot listen on {l}"),
+                        None => "cannot start the peer mesh".to_string(),
+                    })?;
+            let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
+            let locks = Arc::new(LockService::new(me, lock_cfg, out_tx));
+            for p in &cfg.peers {
+                locks.add_peer(p.id);
+            }
+            // lockd → peers. Lock traffic is Control: it never waits behind bulk data.
+            let sender = mesh.clone();
+            tokio::spawn(async move {
+                while let Some((peer, msg)) = out_rx.recv().await {
+                    if let Err(e) = sender.send(peer, Message::Lock(msg), Priority::Control) {
+                        tracing::debug!(peer = %peer.short(), "lock message not sent: {e}");
+                    }
+                }
+            });
+            // peers → lockd, in connection order.
+            let svc = Arc::clone(&locks);
+            let peer_names = Arc::clone(&names);
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        MeshEvent::Connected { peer, name } => {
+                            tracing::info!(peer = %name, id = %peer, "peer connected");
+                            svc.peer_connected(peer);
+                        }
+                        MeshEvent::Disconnected { peer, reason } => {
+                            let name = peer_names.get(&peer).cloned().unwrap_or_default();
+                            tracing::info!(peer = %name, id = %peer, "peer disconnected: {reason}");
+                            svc.peer_disconnected(peer);
+                        }
+                        MeshEvent::Message {
+                            peer,
+                            msg: Message::Lock(m),
+                        } => svc.on_message(peer, m),
+                        MeshEvent::Message { peer, msg } => {
+                            tracing::debug!(peer = %peer.short(), ?msg, "message not for lockd");
+                        }
+                    }
+                }
+            });
+            anyhow::Ok((mesh, locks))
+        })?;
+        tracing::info!(
+            id = %me,
+            listen = ?mesh.local_addr(),
+            peers = cfg.peers.len(),
+            "peer mesh started"
+        );
+        Ok(Network {
+            runtime,
+            mesh,
+            locks,
+            names,
+            me,
+        })
+    }
+
+    /// Waits (at most `max`) until every configured peer with an address is connected or was
+    /// tried and failed once, so the first write-opens after mount see the peers that are up.
+    pub fn wait_for_peers(&self, cfg: &Config, max: Duration) {
+        let deadline = Instant::now() + max;
+        let dialled: Vec<PeerId> = cfg
+            .peers
+            .iter()
+            .filter(|p| p.address.is_some())
+            .map(|p| p.id)
+            .collect();
+        loop {
+            let status = self.mesh.status();
+            let pending = dialled.iter().any(|id| {
+                status
+                    .iter()
+                    .find(|s| s.id == *id)
+                    .is_some_and(|s| !s.connected && s.last_error.is_none())
+            });
+            if !pending || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The drive's view of the lock service.
+    pub fn vfs_locks(&self) -> Arc<dyn Locks> {
+        Arc::new(MeshLocks {
+            svc: Arc::clone(&self.locks),
+            names: Arc::clone(&self.names),
+            me: self.me,
+        })
+    }
+
+    /// `status`'s peer list.
+    pub fn peers_source(&self) -> crate::control::Source {
+        let mesh = self.mesh.clone();
+        Arc::new(move || {
+            let peers: Vec<serde_json::Value> = mesh
+                .status()
+                .into_iter()
+                .map(|p| {
+                    json!({
+                        "name": p.name,
+                        "id": p.id.to_string(),
+                        "address": p.address,
+                        "connected": p.connected,
+                        "since": p.since.map(rfc3339),
+                        "rtt_ms": p.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        "last_error": p.last_error,
+                    })
+                })
+                .collect();
+            serde_json::Value::Array(peers)
+        })
+    }
+
+    /// `locks`'s answer.
+    pub fn locks_source(&self) -> crate::control::Source {
+        let svc = Arc::clone(&self.locks);
+        let names = Arc::clone(&self.names);
+        let me = self.me;
+        Arc::new(move || {
+            let locks: Vec<serde_json::Value> = svc
+                .snapshot()
+                .into_iter()
+                .map(|l| {
+                    json!({
+                        "path": l.path.to_string(),
+                        "holder": names.get(&l.holder).cloned().unwrap_or_else(|| l.holder.short()),
+                        "holder_id": l.holder.to_string(),
+                        "local": l.holder == me,
+                        "since": rfc3339(l.since),
+                        "fencing": l.fencing,
+                        "handles": l.local_refs,
+                        "lingering": l.lingering,
+                        "grace_left_ms": l.grace_left.map(|d| d.as_millis() as u64),
+                    })
+                })
+                .collect();
+            serde_json::Value::Array(locks)
+        })
+    }
+
+    /// Stops the mesh (peers see the connection close at once, not after `dead_after`).
+    pub fn shutdown(self) {
+        let Network { runtime, mesh, .. } = self;
+        runtime.block_on(mesh.shutdown());
+        runtime.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    crate::timefmt::rfc3339_utc(
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+/// `vfs::Locks` over the lock service, naming holders as the config names them.
+struct MeshLocks {
+    svc: Arc<LockService>,
+    names: Arc<HashMap<PeerId, String>>,
+    me: PeerId,
+}
+
+impl MeshLocks {
+    fn name(&self, peer: &PeerId) -> String {
+        self.names
+            .get(peer)
+            .cloned()
+            .unwrap_or_else(|| peer.to_string())
+    }
+}
+
+impl Locks for MeshLocks {
+    fn acquire(&self, path: &RelPath) -> std::result::Result<(), LockDenied> {
+        match self.svc.acquire_blocking(path) {
+            Ok(_held) => Ok(()),
+            Err(LockError::HeldBy { peer }) => Err(LockDenied {
+                holder: self.name(&peer),
+            }),
+            Err(LockError::Unreachable { peer }) => Err(LockDenied {
+                holder: format!("{} (unreachable; lock policy strict)", self.name(&peer)),
+            }),
+            Err(LockError::Timeout) => Err(LockDenied {
+                holder: "unknown (the lock request timed out)".into(),
+            }),
+        }
+    }
+
+    fn release(&self, path: &RelPath) {
+        self.svc.release(path);
+    }
+
+    fn held_below(&self, dir: &RelPath) -> Option<LockDenied> {
+        let prefix = dir.as_bytes();
+        self.svc
+            .snapshot()
+            .into_iter()
+            .find(|l| {
+                let p = l.path.as_bytes();
+                l.holder != self.me
+                    && (prefix.is_empty()
+                        || p == prefix
+                        || (p.starts_with(prefix) && p.get(prefix.len()) == Some(&b'/')))
+            })
+            .map(|l| LockDenied {
+                holder: self.name(&l.holder),
+            })
+    }
+}
