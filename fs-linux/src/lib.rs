@@ -213,12 +213,19 @@ impl Drive {
         };
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = true;
+        // With peers, lock round trips run off the FUSE workers (see `Adapter::run`).
+        let offload = if vfs.has_locks() {
+            Some(Arc::new(Offload::start(OFFLOAD_THREADS)?))
+        } else {
+            None
+        };
         let adapter = Adapter {
             vfs,
             ttl: opts.cache_ttl,
             want_passthrough: opts.passthrough,
             passthrough: false,
-            backing: Mutex::new(BackingCache::default()),
+            backing: Arc::new(Mutex::new(BackingCache::default())),
+            offload,
         };
         let path = CString::new(mountpoint.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mountpoint contains NUL"))?;
@@ -288,6 +295,10 @@ impl peerfs_vfs::Invalidator for KernelInvalidator {
     }
 }
 
+/// Threads for requests that may wait for a lock round trip. Each waits at most the lock
+/// timeout; this many can wait at once before further ones queue.
+const OFFLOAD_THREADS: usize = 16;
+
 /// Flags of every file open. NOFLUSH: `close()` need not wait for a FLUSH round trip; writes
 /// already reached the backing file, and locks and replication act at RELEASE.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
@@ -315,13 +326,47 @@ struct BackingCache {
     by_handle: HashMap<u64, Arc<BackingId>>,
 }
 
+/// Cheap to clone: requests that may wait for peers take a clone to another thread.
+#[derive(Clone)]
 struct Adapter {
     vfs: Arc<Vfs>,
     ttl: Duration,
     want_passthrough: bool,
     /// Negotiated with the kernel at init.
     passthrough: bool,
-    backing: Mutex<BackingCache>,
+    backing: Arc<Mutex<BackingCache>>,
+    /// Where requests that may wait for a lock round trip run, so the FUSE workers keep
+    /// serving everyone else's lookups and reads meanwhile. None for a drive without peers.
+    offload: Option<Arc<Offload>>,
+}
+
+/// A pool of threads for requests that may block on the network. fuser hands us the reply
+/// object, which can be answered from any thread.
+struct Offload {
+    tx: Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Offload {
+    fn start(threads: usize) -> io::Result<Offload> {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("peerfs-lock-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The guard is dropped before the job runs: jobs run concurrently.
+                        let job = rx.lock().recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return, // the adapter is gone
+                        }
+                    }
+                })?;
+        }
+        Ok(Offload { tx: Mutex::new(tx) })
+    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -398,6 +443,23 @@ fn fail(op: &str, e: &VfsError) -> Errno {
 }
 
 impl Adapter {
+    /// Runs `job` on the offload pool when the request may wait for peers (`may_block`),
+    /// otherwise right here on the FUSE worker.
+    fn run(&self, may_block: bool, job: impl FnOnce(&Adapter) + Send + 'static) {
+        match (&self.offload, may_block) {
+            (Some(pool), true) => {
+                let me = self.clone();
+                let job: Box<dyn FnOnce() + Send> = Box::new(move || job(&me));
+                if let Err(returned) = pool.tx.lock().send(job) {
+                    // Only when the pool is gone (shutdown): run it here rather than drop the
+                    // reply unanswered.
+                    (returned.0)();
+                }
+            }
+            _ => job(self),
+        }
+    }
+
     fn entry(&self, op: &str, r: Result<Attr, VfsError>, reply: ReplyEntry) {
         match r {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
@@ -554,10 +616,13 @@ impl Filesystem for Adapter {
             // the caller lacks CAP_FSETID; an unprivileged uid is the faithful stand-in.
             kill_suidgid: req.uid() != 0,
         };
-        match self.vfs.setattr(ino.0, fh.map(|f| f.0), set) {
-            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
-            Err(e) => reply.error(fail("setattr", &e)),
-        }
+        // Only a truncate can need a lock.
+        self.run(size.is_some(), move |me| {
+            match me.vfs.setattr(ino.0, fh.map(|f| f.0), set) {
+                Ok(a) => reply.attr(&me.ttl, &file_attr(&a)),
+                Err(e) => reply.error(fail("setattr", &e)),
+            }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -577,11 +642,14 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            "mknod",
-            self.vfs.mknod(caller(req), parent.0, name, mode, rdev),
-            reply,
-        );
+        let (who, name) = (caller(req), name.to_os_string());
+        self.run(true, move |me| {
+            me.entry(
+                "mknod",
+                me.vfs.mknod(who, parent.0, &name, mode, rdev),
+                reply,
+            )
+        });
     }
 
     fn mkdir(
@@ -593,19 +661,24 @@ impl Filesystem for Adapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            "mkdir",
-            self.vfs.mkdir(caller(req), parent.0, name, mode),
-            reply,
-        );
+        let (who, name) = (caller(req), name.to_os_string());
+        self.run(true, move |me| {
+            me.entry("mkdir", me.vfs.mkdir(who, parent.0, &name, mode), reply)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty("unlink", self.vfs.unlink(parent.0, name), reply);
+        let name = name.to_os_string();
+        self.run(true, move |me| {
+            me.empty("unlink", me.vfs.unlink(parent.0, &name), reply)
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty("rmdir", self.vfs.rmdir(parent.0, name), reply);
+        let name = name.to_os_string();
+        self.run(true, move |me| {
+            me.empty("rmdir", me.vfs.rmdir(parent.0, &name), reply)
+        });
     }
 
     fn symlink(
@@ -616,12 +689,18 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            "symlink",
-            self.vfs
-                .symlink(caller(req), parent.0, link_name, target.as_os_str()),
-            reply,
+        let (who, name, target) = (
+            caller(req),
+            link_name.to_os_string(),
+            target.as_os_str().to_os_string(),
         );
+        self.run(true, move |me| {
+            me.entry(
+                "symlink",
+                me.vfs.symlink(who, parent.0, &name, &target),
+                reply,
+            )
+        });
     }
 
     fn rename(
@@ -635,11 +714,14 @@ impl Filesystem for Adapter {
         reply: ReplyEmpty,
     ) {
         let flags = peerfs_vfs::RenameFlags(flags.bits());
-        self.empty(
-            "rename",
-            self.vfs.rename(parent.0, name, newparent.0, newname, flags),
-            reply,
-        );
+        let (name, newname) = (name.to_os_string(), newname.to_os_string());
+        self.run(true, move |me| {
+            me.empty(
+                "rename",
+                me.vfs.rename(parent.0, &name, newparent.0, &newname, flags),
+                reply,
+            )
+        });
     }
 
     fn link(
@@ -650,23 +732,29 @@ impl Filesystem for Adapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            "link",
-            self.vfs.link(caller(req), ino.0, newparent.0, newname),
-            reply,
-        );
+        let (who, newname) = (caller(req), newname.to_os_string());
+        self.run(true, move |me| {
+            me.entry(
+                "link",
+                me.vfs.link(who, ino.0, newparent.0, &newname),
+                reply,
+            )
+        });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // An unprivileged caller's truncating open clears setuid/setgid (FUSE_OPEN_KILL_SUIDGID,
         // which fuser does not pass on, is set exactly when the caller lacks CAP_FSETID).
-        match self.vfs.open(ino.0, flags.0, req.uid() != 0) {
-            Ok(opened) => match self.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
+        let kill = req.uid() != 0;
+        // Read-only opens never lock: they stay on the FUSE worker.
+        let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        self.run(writes, move |me| match me.vfs.open(ino.0, flags.0, kill) {
+            Ok(opened) => match me.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
                 Some(id) => reply.opened_passthrough(FileHandle(opened.fh), OPEN_FLAGS, &id),
                 None => reply.opened(FileHandle(opened.fh), OPEN_FLAGS),
             },
             Err(e) => reply.error(fail("open", &e)),
-        }
+        });
     }
 
     fn read(
@@ -904,29 +992,32 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.vfs.create(caller(req), parent.0, name, mode, flags) {
-            Ok((attr, opened)) => {
-                let attr = file_attr(&attr);
-                match self.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
-                    Some(id) => reply.created_passthrough(
-                        &self.ttl,
-                        &attr,
-                        Generation(0),
-                        FileHandle(opened.fh),
-                        OPEN_FLAGS,
-                        &id,
-                    ),
-                    None => reply.created(
-                        &self.ttl,
-                        &attr,
-                        Generation(0),
-                        FileHandle(opened.fh),
-                        OPEN_FLAGS,
-                    ),
+        let (who, name) = (caller(req), name.to_os_string());
+        self.run(true, move |me| {
+            match me.vfs.create(who, parent.0, &name, mode, flags) {
+                Ok((attr, opened)) => {
+                    let attr = file_attr(&attr);
+                    match me.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
+                        Some(id) => reply.created_passthrough(
+                            &me.ttl,
+                            &attr,
+                            Generation(0),
+                            FileHandle(opened.fh),
+                            OPEN_FLAGS,
+                            &id,
+                        ),
+                        None => reply.created(
+                            &me.ttl,
+                            &attr,
+                            Generation(0),
+                            FileHandle(opened.fh),
+                            OPEN_FLAGS,
+                        ),
+                    }
                 }
+                Err(e) => reply.error(fail("create", &e)),
             }
-            Err(e) => reply.error(fail("create", &e)),
-        }
+        });
     }
 
     fn fallocate(

@@ -316,6 +316,12 @@ impl Vfs {
         }
     }
 
+    /// Whether a lock service is installed: then write-opens and namespace changes may wait for
+    /// a network round trip (adapters keep such requests off their request threads).
+    pub fn has_locks(&self) -> bool {
+        self.locks.get().is_some()
+    }
+
     /// The lock a change of `path` needs, if any: none without a lock service, for names that
     /// no longer resolve, and for temp and owner files.
     fn lockable(&self, path: Option<RelPath>) -> Option<(&dyn Locks, RelPath)> {
