@@ -176,7 +176,6 @@ impl Network {
         Arc::new(MeshLocks {
             svc: Arc::clone(&self.locks),
             names: Arc::clone(&self.names),
-            me: self.me,
         })
     }
 
@@ -250,7 +249,6 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 struct MeshLocks {
     svc: Arc<LockService>,
     names: Arc<HashMap<PeerId, String>>,
-    me: PeerId,
 }
 
 impl MeshLocks {
@@ -283,19 +281,8 @@ impl Locks for MeshLocks {
     }
 
     fn held_below(&self, dir: &RelPath) -> Option<LockDenied> {
-        let prefix = dir.as_bytes();
-        self.svc
-            .snapshot()
-            .into_iter()
-            .find(|l| {
-                let p = l.path.as_bytes();
-                l.holder != self.me
-                    && (prefix.is_empty()
-                        || p == prefix
-                        || (p.starts_with(prefix) && p.get(prefix.len()) == Some(&b'/')))
-            })
-            .map(|l| LockDenied {
-                holder: self.name(&l.holder),
-            })
+        self.svc.claim_below(dir).map(|peer| LockDenied {
+            holder: self.name(&peer),
+        })
     }
 }

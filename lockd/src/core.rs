@@ -645,6 +645,31 @@ impl LockCore {
             .map(|(id, h)| (*id, h.since))
     }
 
+    /// Another peer with a claim on `dir` or on any path below it: a holder we know of, or a
+    /// requester we granted (or answered) and that has not settled yet — its write-open may
+    /// already have succeeded before its `Acquired` reaches us. The empty path (the root)
+    /// covers everything. Used to refuse moving or removing a folder with a locked document
+    /// inside.
+    pub fn claim_below(&self, dir: &RelPath) -> Option<PeerId> {
+        let below = |p: &RelPath| {
+            let (p, d) = (p.as_bytes(), dir.as_bytes());
+            d.is_empty() || p == d || (p.starts_with(d) && p.get(d.len()) == Some(&b'/'))
+        };
+        let held = self
+            .remote
+            .iter()
+            .filter(|(path, _)| below(path))
+            .flat_map(|(_, holders)| holders.keys())
+            .find(|peer| **peer != self.me)
+            .copied();
+        held.or_else(|| {
+            self.answered
+                .iter()
+                .find(|(id, a)| id.origin != self.me && below(&a.path))
+                .map(|(id, _)| id.origin)
+        })
+    }
+
     /// Every lock this peer knows of, ours and others', sorted by path. `now` and `wall` are
     /// the same moment on the monotonic and the wall clock.
     pub fn snapshot(&self, now: Instant, wall: SystemTime) -> Vec<LockInfo> {

@@ -179,6 +179,12 @@ impl LockService {
             .map(|(peer, _)| peer)
     }
 
+    /// Another peer holding, or being granted, `dir` or a path below it (see
+    /// [`LockCore::claim_below`]).
+    pub fn claim_below(&self, dir: &RelPath) -> Option<PeerId> {
+        self.inner.state.lock().core.claim_below(dir)
+    }
+
     /// Every lock this peer knows of, for `peerfs locks`.
     pub fn snapshot(&self) -> Vec<LockInfo> {
         self.inner

@@ -933,3 +933,36 @@ fn the_sim_harness_itself_sees_a_plain_handover() {
         vec![1, 2]
     );
 }
+
+#[test]
+fn a_granted_request_is_a_claim_on_its_folder_before_its_acquired_arrives() {
+    let mut m = Mesh::new(2, Policy::Available);
+    let start = m.acquire(0, "proj/doc.docx");
+    let t = ticket(&start);
+    // B grants; A's acquire succeeds; A's Acquired is still in flight to B.
+    m.flush(0, 1);
+    m.flush(1, 0);
+    assert_eq!(m.result(0, t), Some(Ok(Held { fencing: 1 })));
+    assert_eq!(m.cores[1].holder_of(&path("proj/doc.docx")), None);
+    for dir in ["proj", "proj/doc.docx"] {
+        assert_eq!(m.cores[1].claim_below(&path(dir)), Some(peer(0)), "{dir}");
+    }
+    assert_eq!(m.cores[1].claim_below(&path("other")), None);
+    assert_eq!(
+        m.cores[1].claim_below(&path("pro")),
+        None,
+        "a prefix is not a folder"
+    );
+    // Once known as held, still a claim; once released, none.
+    m.deliver_all();
+    assert_eq!(m.cores[1].claim_below(&path("proj")), Some(peer(0)));
+    assert_eq!(
+        m.cores[0].claim_below(&path("proj")),
+        None,
+        "our own lock is no claim"
+    );
+    m.release(0, "proj/doc.docx");
+    m.advance(Duration::from_millis(60));
+    m.deliver_all();
+    assert_eq!(m.cores[1].claim_below(&path("proj")), None);
+}

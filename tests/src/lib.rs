@@ -12,6 +12,7 @@
 
 pub mod errno;
 pub mod mount;
+pub mod peers;
 pub mod sys;
 pub mod tree;
 pub mod user;

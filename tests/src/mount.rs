@@ -5,7 +5,7 @@
 
 use std::fmt::Debug;
 use std::fmt::Write as _;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -188,6 +188,8 @@ pub struct Mount {
     log: PathBuf,
     child: Option<Child>,
     backing_tmpfs: bool,
+    /// The `[drive]` table written into the config.
+    drive_table: String,
     // Last: removed after Drop has unmounted everything.
     _dir: tempfile::TempDir,
 }
@@ -200,7 +202,18 @@ impl Mount {
 
     /// A drive with the given `[drive]` options.
     pub fn with(opts: DriveOptions) -> Mount {
-        let (dir, root) = new_tempdir("peerfs-test-");
+        let mut m = Mount::prepare("peerfs-test-", &opts);
+        m.write_config("test", "");
+        m.start();
+        m
+    }
+
+    /// The folders of a drive (`backing/`, `mnt/`, `state/` in a fresh temp dir whose name
+    /// starts with `prefix`), without a config and not started: for harnesses that must set up
+    /// the state folder (e.g. `peerfs init`) or learn other drives' details before writing the
+    /// config with [`Mount::write_config`] and starting it with [`Mount::launch`].
+    pub fn prepare(prefix: &str, opts: &DriveOptions) -> Mount {
+        let (dir, root) = new_tempdir(prefix);
         let backing = root.join("backing");
         let mnt = root.join("mnt");
         let state = root.join("state");
@@ -213,19 +226,9 @@ impl Mount {
             sys::mount_tmpfs(&backing, size).expect("mount tmpfs on the backing folder");
             backing_tmpfs = true;
         }
-        let log_level = std::env::var("PEERFS_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
         let config = root.join("peerfs.toml");
-        let text = format!(
-            "name = \"test\"\nbacking = {}\nmountpoint = {}\nstate = {}\nlog_level = {}\n{}",
-            path_str(&backing),
-            path_str(&mnt),
-            path_str(&state),
-            toml_str(&log_level),
-            opts.drive_table()
-        );
-        fs::write(&config, text).expect("write config");
         let log = root.join("peerfs.log");
-        let mut m = Mount {
+        Mount {
             root,
             backing,
             mnt,
@@ -234,15 +237,60 @@ impl Mount {
             log,
             child: None,
             backing_tmpfs,
+            drive_table: opts.drive_table(),
             _dir: dir,
-        };
-        m.start();
-        m
+        }
+    }
+
+    /// Writes the config: `name`, the four folders, the log level
+    /// (`PEERFS_TEST_LOG_LEVEL`, default `info`), then `extra` (TOML: top-level keys first,
+    /// then tables such as `[[peers]]` or `[locks]`), then the `[drive]` table.
+    pub fn write_config(&self, name: &str, extra: &str) {
+        let log_level = std::env::var("PEERFS_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+        let mut text = format!(
+            "name = {}\nbacking = {}\nmountpoint = {}\nstate = {}\nlog_level = {}\n",
+            toml_str(name),
+            path_str(&self.backing),
+            path_str(&self.mnt),
+            path_str(&self.state),
+            toml_str(&log_level),
+        );
+        text.push_str(extra);
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&self.drive_table);
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Starts `peerfs mount` (again) and waits until the drive is mounted; panics with the
+    /// drive's output if it exits first or does not mount in time. Output is appended to the
+    /// same log across restarts.
+    pub fn launch(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "peerfs mount is already running for {}",
+            self.config.display()
+        );
+        self.start();
+    }
+
+    /// Kills `peerfs mount` with SIGKILL (no cleanup: the mount is left behind, answering
+    /// ENOTCONN, as after a crash) and reaps it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the drive is running");
+        // SAFETY: signalling our own child process, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = child.wait();
     }
 
     fn start(&mut self) {
         let bin = peerfs_bin();
-        let out = File::create(&self.log).expect("create log file");
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log file");
         let err = out.try_clone().expect("clone log file");
         let mut cmd = Command::new(&bin);
         cmd.arg("mount")
