@@ -280,6 +280,10 @@ impl Locks for MeshLocks {
         self.svc.release(path);
     }
 
+    fn held_here(&self, path: &RelPath) -> bool {
+        self.svc.holder_of(path) == Some(self.svc.me())
+    }
+
     fn held_below(&self, dir: &RelPath) -> Option<LockDenied> {
         self.svc.claim_below(dir).map(|peer| LockDenied {
             holder: self.name(&peer),

@@ -460,6 +460,12 @@ impl Adapter {
         }
     }
 
+    /// Whether changing `parent/name` may wait for peers (see `Vfs::may_wait_for_peers`).
+    fn name_may_block(&self, parent: u64, name: &OsStr) -> bool {
+        self.vfs
+            .may_wait_for_peers(self.vfs.child_path(parent, name))
+    }
+
     fn entry(&self, op: &str, r: Result<Attr, VfsError>, reply: ReplyEntry) {
         match r {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
@@ -617,7 +623,8 @@ impl Filesystem for Adapter {
             kill_suidgid: req.uid() != 0,
         };
         // Only a truncate can need a lock.
-        self.run(size.is_some(), move |me| {
+        let may_block = size.is_some() && self.vfs.may_wait_for_peers(self.vfs.path(ino.0));
+        self.run(may_block, move |me| {
             match me.vfs.setattr(ino.0, fh.map(|f| f.0), set) {
                 Ok(a) => reply.attr(&me.ttl, &file_attr(&a)),
                 Err(e) => reply.error(fail("setattr", &e)),
@@ -643,7 +650,7 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let (who, name) = (caller(req), name.to_os_string());
-        self.run(true, move |me| {
+        self.run(self.name_may_block(parent.0, &name), move |me| {
             me.entry(
                 "mknod",
                 me.vfs.mknod(who, parent.0, &name, mode, rdev),
@@ -662,21 +669,21 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let (who, name) = (caller(req), name.to_os_string());
-        self.run(true, move |me| {
+        self.run(self.name_may_block(parent.0, &name), move |me| {
             me.entry("mkdir", me.vfs.mkdir(who, parent.0, &name, mode), reply)
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_os_string();
-        self.run(true, move |me| {
+        self.run(self.name_may_block(parent.0, &name), move |me| {
             me.empty("unlink", me.vfs.unlink(parent.0, &name), reply)
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_os_string();
-        self.run(true, move |me| {
+        self.run(false, move |me| {
             me.empty("rmdir", me.vfs.rmdir(parent.0, &name), reply)
         });
     }
@@ -694,7 +701,7 @@ impl Filesystem for Adapter {
             link_name.to_os_string(),
             target.as_os_str().to_os_string(),
         );
-        self.run(true, move |me| {
+        self.run(self.name_may_block(parent.0, &name), move |me| {
             me.entry(
                 "symlink",
                 me.vfs.symlink(who, parent.0, &name, &target),
@@ -715,13 +722,16 @@ impl Filesystem for Adapter {
     ) {
         let flags = peerfs_vfs::RenameFlags(flags.bits());
         let (name, newname) = (name.to_os_string(), newname.to_os_string());
-        self.run(true, move |me| {
-            me.empty(
-                "rename",
-                me.vfs.rename(parent.0, &name, newparent.0, &newname, flags),
-                reply,
-            )
-        });
+        self.run(
+            self.name_may_block(parent.0, &name) || self.name_may_block(newparent.0, &newname),
+            move |me| {
+                me.empty(
+                    "rename",
+                    me.vfs.rename(parent.0, &name, newparent.0, &newname, flags),
+                    reply,
+                )
+            },
+        );
     }
 
     fn link(
@@ -733,7 +743,7 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let (who, newname) = (caller(req), newname.to_os_string());
-        self.run(true, move |me| {
+        self.run(self.name_may_block(newparent.0, &newname), move |me| {
             me.entry(
                 "link",
                 me.vfs.link(who, ino.0, newparent.0, &newname),
@@ -748,12 +758,19 @@ impl Filesystem for Adapter {
         let kill = req.uid() != 0;
         // Read-only opens never lock: they stay on the FUSE worker.
         let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        self.run(writes, move |me| match me.vfs.open(ino.0, flags.0, kill) {
-            Ok(opened) => match me.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
-                Some(id) => reply.opened_passthrough(FileHandle(opened.fh), OPEN_FLAGS, &id),
-                None => reply.opened(FileHandle(opened.fh), OPEN_FLAGS),
-            },
-            Err(e) => reply.error(fail("open", &e)),
+        let may_block = writes && self.vfs.may_wait_for_peers(self.vfs.path(ino.0));
+        self.run(may_block, move |me| {
+            match me.vfs.open(ino.0, flags.0, kill) {
+                Ok(opened) => {
+                    match me.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
+                        Some(id) => {
+                            reply.opened_passthrough(FileHandle(opened.fh), OPEN_FLAGS, &id)
+                        }
+                        None => reply.opened(FileHandle(opened.fh), OPEN_FLAGS),
+                    }
+                }
+                Err(e) => reply.error(fail("open", &e)),
+            }
         });
     }
 
@@ -993,7 +1010,7 @@ impl Filesystem for Adapter {
         reply: ReplyCreate,
     ) {
         let (who, name) = (caller(req), name.to_os_string());
-        self.run(true, move |me| {
+        self.run(self.name_may_block(parent.0, &name), move |me| {
             match me.vfs.create(who, parent.0, &name, mode, flags) {
                 Ok((attr, opened)) => {
                     let attr = file_attr(&attr);

@@ -187,6 +187,9 @@ pub trait Locks: Send + Sync {
     /// The holder of a lock on `dir` or on any path below it held by another peer, if any
     /// (a folder with a locked document inside cannot be renamed or removed).
     fn held_below(&self, dir: &RelPath) -> Option<LockDenied>;
+    /// Whether this server holds the lock on `path` now (open handles or lingering), so that
+    /// `acquire` would answer without asking anyone.
+    fn held_here(&self, path: &RelPath) -> bool;
 }
 
 /// Another peer holds the lock.
@@ -331,6 +334,16 @@ impl Vfs {
             return None;
         }
         Some((locks.as_ref(), path))
+    }
+
+    /// Whether changing `path` may wait for a lock round trip to the peers: not without a lock
+    /// service, not for temp and owner files, and not while this server already holds the lock
+    /// (a handle is open, or it lingers). Adapters run only such requests off their request
+    /// threads. A hint: a lock that expires right after it was asked about costs one round trip
+    /// on the request thread, still bounded by the lock timeout.
+    pub fn may_wait_for_peers(&self, path: Option<RelPath>) -> bool {
+        self.lockable(path)
+            .is_some_and(|(locks, path)| !locks.held_here(&path))
     }
 
     /// Takes the lock on `path` for a writer; the returned guard releases it unless kept.

@@ -251,6 +251,9 @@ impl Locks for FakeLocks {
     fn release(&self, path: &RelPath) {
         self.log.lock().push(format!("release {path}"));
     }
+    fn held_here(&self, _path: &RelPath) -> bool {
+        false
+    }
     fn held_below(&self, dir: &RelPath) -> Option<LockDenied> {
         let dir = dir.to_string();
         self.held
@@ -436,5 +439,24 @@ fn word_save_locks_the_document_name_only() {
     assert_eq!(
         std::fs::read(dir.path().join("report.docx")).expect("read"),
         b"v2"
+    );
+}
+
+#[test]
+fn only_lockable_names_may_wait_for_peers() {
+    let (_dir, vfs) = drive();
+    let doc = RelPath::new(b"report.docx").ok();
+    assert!(
+        !vfs.may_wait_for_peers(doc.clone()),
+        "no lock service: never waits"
+    );
+    let locks = Arc::new(FakeLocks::default());
+    vfs.set_locks(locks);
+    assert!(vfs.may_wait_for_peers(doc));
+    assert!(!vfs.may_wait_for_peers(RelPath::new(b"~$report.docx").ok()));
+    assert!(!vfs.may_wait_for_peers(RelPath::new(b"A1B2C3D4.tmp").ok()));
+    assert!(
+        !vfs.may_wait_for_peers(None),
+        "a nameless (unlinked) file has no lock"
     );
 }
