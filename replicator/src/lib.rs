@@ -1,5 +1,19 @@
-//! Replication for peerfs: content-defined chunking, manifests, durable per-peer queues,
-//! push/apply, and the start scan with reconciliation.
+//! Replication for peerfs: content-defined chunking, manifests, deltas, their atomic
+//! application on the receiver, and the durable replication state in sled.
 //!
-//! Nothing lives here yet: the single-server drive replicates nothing. The replication issue
-//! fills this crate; `vfs` will call it on release and on namespace changes.
+//! - [`chunk`]: FastCDC cut points and blake3 chunk ids (fixed 2/8/64 KiB sizes).
+//! - [`manifest`]: a version's chunk list and content hash, encoding, O(edit) re-chunking.
+//! - [`delta`]: the edit script a peer needs to go from the version it holds to the new one.
+//! - [`apply`]: the receiver rebuilding the new version beside the target and renaming it in.
+//! - [`store`]: the durable state in sled: manifests and per-peer outgoing queues.
+
+pub mod apply;
+pub mod chunk;
+pub mod delta;
+pub mod manifest;
+pub mod store;
+
+pub use apply::{ApplyError, ApplyOutcome, ChunkSource, TMP_PREFIX, VerifiedChunk, apply};
+pub use chunk::{AVG_SIZE, ChunkRef, Hash, MAX_SIZE, MIN_SIZE};
+pub use delta::{Delta, DeltaError, Op};
+pub use manifest::{Manifest, ManifestError, RechunkStats, Splice, rechunk, rechunk_splices};

@@ -1,0 +1,706 @@
+//! Durable replication state: the file index (path ↔ [`FileId`], content versions, scan stamps,
+//! manifests) and the per-peer outgoing queues. This is the only module that touches sled; all of
+//! it sits behind the private [`Kv`] struct (get / prefix scan / atomic batch / flush), so the
+//! database can be swapped without touching callers (garage's `src/db` seam).
+//!
+//! Every stored record is `[format version byte] ++ postcard`, so a later build can migrate old
+//! records and an unknown or damaged record decodes to a [`StoreError`], never a panic.
+//!
+//! Everything lives in one sled tree under one-byte key prefixes, so each logical update is a
+//! single atomic `apply_batch`; writers are serialised by a mutex so read-modify-write updates
+//! (counters, coalescing) cannot interleave.
+//!
+//! Durability: [`Store::enqueue`] flushes before returning (the issue promises a change is
+//! recorded before the writer's release completes). Other writes become durable with the next
+//! flush (any enqueue, [`Store::flush`], or sled's periodic flush); losing them is recoverable
+//! because the backing files are the truth and the start scan rebuilds the index.
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// sled's page cache. Its default (1 GiB) is resident memory, and the issue bounds the whole
+/// peer at 256 MiB while a 4 GiB file replicates.
+pub const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Format version written in front of every record this build stores.
+const FORMAT: u8 = 1;
+/// Layout of the keyspace as a whole; bumped (with a migration) when prefixes change.
+const SCHEMA: u8 = 1;
+
+/// A peer's identity as raw bytes (`peerfs_proto::PeerId.0`).
+pub type PeerKey = [u8; 32];
+
+/// A version vector: how many content versions each peer has authored for a file.
+pub type VersionVector = BTreeMap<PeerKey, u64>;
+
+/// Stable identity of a replicated file: allocated monotonically, never reused, survives renames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FileId(pub u64);
+
+/// A file's content version: what base checks and conflicts compare.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentVersion {
+    pub vv: VersionVector,
+    /// blake3 of the whole content.
+    pub hash: [u8; 32],
+    pub size: u64,
+}
+
+/// What the start scan last saw of the backing file; a mismatch means it changed behind the drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanStamp {
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub inode: u64,
+}
+
+/// Per-file index entry (the manifest is stored beside it, see [`Store::manifest`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    /// `None` until the first content version is recorded (e.g. a directory or a new empty file).
+    pub version: Option<ContentVersion>,
+    pub stamp: Option<ScanStamp>,
+}
+
+/// What a queued record asks the peer to do with the file. The payload (bytes, attributes) is
+/// read at send time from the current file: old versions no longer exist to send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordKind {
+    /// Bring the peer to the file's current content.
+    Content,
+    /// Move the file to the peer's trash.
+    Delete,
+    /// Namespace change; path bytes as [`Store`] keys them (`OsStr` encoded bytes). Never
+    /// coalesced: renames are causally ordered.
+    Rename { from: Vec<u8>, to: Vec<u8> },
+    /// Replicate metadata (times, modes, xattrs); `lamport` orders last-writer-wins merges.
+    Meta { lamport: u64 },
+}
+
+/// A record as the caller hands it to [`Store::enqueue`] (the store assigns the sequence number).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewRecord {
+    pub file: FileId,
+    pub kind: RecordKind,
+    /// The version the peer is expected to hold; a receiver at another version keeps both.
+    pub base_version: Option<ContentVersion>,
+    /// The version this record brings (Content), or the file's version when it was recorded.
+    pub version: Option<ContentVersion>,
+    /// The lock's fencing token, when the change was made under a lock.
+    pub fence: Option<u64>,
+    /// Bytes this record is expected to send (for `bytes_pending`); an estimate is fine.
+    pub bytes: u64,
+}
+
+/// A record in a peer's queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRecord {
+    /// Position in this peer's queue; strictly increasing, never reused.
+    pub seq: u64,
+    pub file: FileId,
+    pub kind: RecordKind,
+    pub base_version: Option<ContentVersion>,
+    pub version: Option<ContentVersion>,
+    pub fence: Option<u64>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database: {0}")]
+    Db(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "{what} record has format version {found}; this build reads version {supported} or older"
+    )]
+    UnknownVersion {
+        what: &'static str,
+        found: u8,
+        supported: u8,
+    },
+    #[error("{what} record is corrupt: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    /// A queued record cannot be decoded. It can never be sent: `ack` its `seq` to skip it (the
+    /// start scan recovers the change from the backing files).
+    #[error("queue record {seq}: {source}")]
+    QueueRecord {
+        seq: u64,
+        #[source]
+        source: Box<StoreError>,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Db(Box::new(e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The database seam: the only code that names sled.
+
+/// A set of writes applied atomically.
+#[derive(Default)]
+struct Batch(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Batch {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.0.push((key, Some(value)));
+    }
+    fn del(&mut self, key: Vec<u8>) {
+        self.0.push((key, None));
+    }
+}
+
+type KvIter<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + 'a>;
+
+struct Kv {
+    db: sled::Db,
+}
+
+impl Kv {
+    fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
+        Ok(Kv { db })
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn apply(&self, batch: Batch) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for (k, v) in batch.0 {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        Ok(self.db.apply_batch(b)?)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_> {
+        Box::new(self.db.scan_prefix(prefix).map(|r| {
+            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(StoreError::from)
+        }))
+    }
+
+    fn range(&self, range: RangeInclusive<Vec<u8>>) -> KvIter<'_> {
+        Box::new(self.db.range(range).map(|r| {
+            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(StoreError::from)
+        }))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Record encoding.
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let out = vec![FORMAT];
+    // postcard into a Vec fails only on types serde cannot express, which ours are not.
+    match postcard::to_extend(value, out) {
+        Ok(v) => v,
+        Err(e) => unreachable!("postcard cannot encode a store record: {e}"),
+    }
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    let body = check_version(what, bytes)?;
+    let (value, rest) = postcard::take_from_bytes::<T>(body).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })?;
+    if !rest.is_empty() {
+        return Err(StoreError::Corrupt {
+            what,
+            detail: format!("{} trailing bytes", rest.len()),
+        });
+    }
+    Ok(value)
+}
+
+fn check_version<'a>(what: &'static str, bytes: &'a [u8]) -> Result<&'a [u8]> {
+    match bytes.split_first() {
+        None => Err(StoreError::Corrupt {
+            what,
+            detail: "empty".into(),
+        }),
+        Some((&FORMAT, body)) => Ok(body),
+        Some((&found, _)) => Err(StoreError::UnknownVersion {
+            what,
+            found,
+            supported: FORMAT,
+        }),
+    }
+}
+
+fn decode_u64(what: &'static str, bytes: &[u8]) -> Result<u64> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what,
+            detail: format!("{} bytes where 8 were expected", bytes.len()),
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys. One-byte prefixes; integers big-endian so sled's byte order is numeric order.
+
+const K_PATH: u8 = b'P'; // path -> FileId
+const K_ID_PATH: u8 = b'I'; // FileId -> path
+const K_FILE: u8 = b'F'; // FileId -> FileState
+const K_MANIFEST: u8 = b'm'; // FileId -> manifest
+const K_QUEUE: u8 = b'Q'; // peer, seq -> QueueRecord
+const K_COALESCE: u8 = b'C'; // peer, file, kind tag -> seq of the pending record
+const K_STATS: u8 = b'S'; // peer -> PeerStats
+const K_ACKED: u8 = b'A'; // file, peer -> manifest the peer acked
+
+// b'M': database-wide values.
+const META_NEXT_ID: &[u8] = b"Mnext_file_id";
+const META_SCHEMA: &[u8] = b"Mschema";
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = vec![prefix];
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_encoded_bytes()
+}
+
+fn path_from_bytes(bytes: &[u8]) -> Result<PathBuf> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
+    }
+    #[cfg(not(unix))]
+    {
+        // Encoded bytes are WTF-8 on Windows; well-formed UTF-8 covers every name Windows
+        // users can type (unpaired surrogates are refused rather than decoded unsafely).
+        String::from_utf8(bytes.to_vec())
+            .map(PathBuf::from)
+            .map_err(|e| StoreError::Corrupt {
+                what: "path",
+                detail: e.to_string(),
+            })
+    }
+}
+
+fn id_key(prefix: u8, id: FileId) -> Vec<u8> {
+    key(prefix, &[&id.0.to_be_bytes()])
+}
+
+fn queue_key(peer: &PeerKey, seq: u64) -> Vec<u8> {
+    key(K_QUEUE, &[peer, &seq.to_be_bytes()])
+}
+
+fn coalesce_key(peer: &PeerKey, file: FileId, tag: u8) -> Vec<u8> {
+    key(K_COALESCE, &[peer, &file.0.to_be_bytes(), &[tag]])
+}
+
+fn acked_key(file: FileId, peer: &PeerKey) -> Vec<u8> {
+    key(K_ACKED, &[&file.0.to_be_bytes(), peer])
+}
+
+/// Records of one kind for one file that supersede each other while unsent; `None` for records
+/// that must all be delivered in order (renames).
+fn coalesce_tag(kind: &RecordKind) -> Option<u8> {
+    match kind {
+        RecordKind::Content => Some(0),
+        RecordKind::Delete => Some(1),
+        RecordKind::Meta { .. } => Some(2),
+        RecordKind::Rename { .. } => None,
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct PeerStats {
+    next_seq: u64,
+    len: u64,
+    bytes: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The replicator's durable state, opened from `STATE/db`.
+pub struct Store {
+    kv: Kv,
+    /// Serialises writers: every update reads counters or indexes before its atomic batch.
+    write: Mutex<()>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `state_dir/db`.
+    pub fn open(state_dir: &Path) -> Result<Self> {
+        let kv = Kv::open(&state_dir.join("db"))?;
+        match kv.get(META_SCHEMA)? {
+            None => {
+                let mut b = Batch::default();
+                b.put(META_SCHEMA.to_vec(), vec![SCHEMA]);
+                kv.apply(b)?;
+                kv.flush()?;
+            }
+            Some(v) if v.as_slice() == [SCHEMA] => {}
+            Some(v) => {
+                return Err(StoreError::UnknownVersion {
+                    what: "database schema",
+                    found: v.first().copied().unwrap_or(0),
+                    supported: SCHEMA,
+                });
+            }
+        }
+        Ok(Store {
+            kv,
+            write: Mutex::new(()),
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.kv.flush()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // The guarded data is `()`: a panic in another writer leaves nothing half-updated in
+        // memory (sled batches are atomic), so a poisoned lock is safe to take.
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // --- file index ---------------------------------------------------------------------------
+
+    pub fn file_id(&self, path: &Path) -> Result<Option<FileId>> {
+        self.kv
+            .get(&key(K_PATH, &[path_bytes(path)]))?
+            .map(|v| decode_u64("path index", &v).map(FileId))
+            .transpose()
+    }
+
+    /// The id of `path`, allocating a fresh one if the path is not indexed yet.
+    pub fn ensure_file_id(&self, path: &Path) -> Result<FileId> {
+        let _g = self.lock();
+        if let Some(id) = self.file_id(path)? {
+            return Ok(id);
+        }
+        let next = match self.kv.get(META_NEXT_ID)? {
+            Some(v) => decode_u64("file id counter", &v)?,
+            None => 1,
+        };
+        let id = FileId(next);
+        let mut b = Batch::default();
+        b.put(META_NEXT_ID.to_vec(), (next + 1).to_be_bytes().to_vec());
+        b.put(
+            key(K_PATH, &[path_bytes(path)]),
+            id.0.to_be_bytes().to_vec(),
+        );
+        b.put(id_key(K_ID_PATH, id), path_bytes(path).to_vec());
+        self.kv.apply(b)?;
+        Ok(id)
+    }
+
+    pub fn path_of(&self, id: FileId) -> Result<Option<PathBuf>> {
+        self.kv
+            .get(&id_key(K_ID_PATH, id))?
+            .map(|v| path_from_bytes(&v))
+            .transpose()
+    }
+
+    /// Moves `from` (and, for a directory, every indexed path under it) to `to`. A file indexed
+    /// at `to` loses its name and its id is returned (rename over: how office suites save).
+    pub fn rename_path(&self, from: &Path, to: &Path) -> Result<Option<FileId>> {
+        let _g = self.lock();
+        let (from, to) = (path_bytes(from), path_bytes(to));
+        if from == to {
+            return Ok(None);
+        }
+        let mut b = Batch::default();
+        let displaced = match self.kv.get(&key(K_PATH, &[to]))? {
+            Some(v) => {
+                let id = FileId(decode_u64("path index", &v)?);
+                b.del(id_key(K_ID_PATH, id));
+                Some(id)
+            }
+            None => None,
+        };
+        let mut moves = Vec::new();
+        if let Some(v) = self.kv.get(&key(K_PATH, &[from]))? {
+            moves.push((from.to_vec(), v));
+        }
+        let sep = [std::path::MAIN_SEPARATOR as u8];
+        for kv in self.kv.scan_prefix(&key(K_PATH, &[from, &sep])) {
+            let (k, v) = kv?;
+            moves.push((k[1..].to_vec(), v));
+        }
+        for (old, v) in moves {
+            let id = FileId(decode_u64("path index", &v)?);
+            let mut new = to.to_vec();
+            new.extend_from_slice(&old[from.len()..]);
+            b.del(key(K_PATH, &[&old]));
+            b.put(key(K_PATH, &[&new]), v);
+            b.put(id_key(K_ID_PATH, id), new);
+        }
+        self.kv.apply(b)?;
+        Ok(displaced)
+    }
+
+    /// Drops `path` from the index, keeping the file's record (its last version still matters
+    /// for a delete/edit conflict until [`Store::forget_file`]).
+    pub fn remove_path(&self, path: &Path) -> Result<Option<FileId>> {
+        let _g = self.lock();
+        let k = key(K_PATH, &[path_bytes(path)]);
+        let Some(v) = self.kv.get(&k)? else {
+            return Ok(None);
+        };
+        let id = FileId(decode_u64("path index", &v)?);
+        let mut b = Batch::default();
+        b.del(k);
+        b.del(id_key(K_ID_PATH, id));
+        self.kv.apply(b)?;
+        Ok(Some(id))
+    }
+
+    /// Removes everything known about `id` (name, record, manifest, peers' acked manifests).
+    /// Queued records for it stay; the sender finds the file gone and skips them.
+    pub fn forget_file(&self, id: FileId) -> Result<()> {
+        let _g = self.lock();
+        let mut b = Batch::default();
+        if let Some(p) = self.kv.get(&id_key(K_ID_PATH, id))? {
+            b.del(key(K_PATH, &[&p]));
+        }
+        b.del(id_key(K_ID_PATH, id));
+        b.del(id_key(K_FILE, id));
+        b.del(id_key(K_MANIFEST, id));
+        for kv in self.kv.scan_prefix(&id_key(K_ACKED, id)) {
+            b.del(kv?.0);
+        }
+        self.kv.apply(b)
+    }
+
+    /// Every indexed (path, id), in path byte order, streamed (for the start scan).
+    pub fn paths(&self) -> impl Iterator<Item = Result<(PathBuf, FileId)>> + '_ {
+        self.kv.scan_prefix(&[K_PATH]).map(|kv| {
+            let (k, v) = kv?;
+            Ok((
+                path_from_bytes(&k[1..])?,
+                FileId(decode_u64("path index", &v)?),
+            ))
+        })
+    }
+
+    pub fn file_state(&self, id: FileId) -> Result<Option<FileState>> {
+        self.kv
+            .get(&id_key(K_FILE, id))?
+            .map(|v| decode("file", &v))
+            .transpose()
+    }
+
+    /// Records a new current content version together with its manifest, atomically.
+    pub fn set_content(&self, id: FileId, version: &ContentVersion, manifest: &[u8]) -> Result<()> {
+        let _g = self.lock();
+        let mut state = self.file_state(id)?.unwrap_or_default();
+        state.version = Some(version.clone());
+        let mut m = Vec::with_capacity(manifest.len() + 1);
+        m.push(FORMAT);
+        m.extend_from_slice(manifest);
+        let mut b = Batch::default();
+        b.put(id_key(K_FILE, id), encode(&state));
+        b.put(id_key(K_MANIFEST, id), m);
+        self.kv.apply(b)
+    }
+
+    /// Records what the start scan saw of the backing file.
+    pub fn set_stamp(&self, id: FileId, stamp: ScanStamp) -> Result<()> {
+        let _g = self.lock();
+        let mut state = self.file_state(id)?.unwrap_or_default();
+        state.stamp = Some(stamp);
+        let mut b = Batch::default();
+        b.put(id_key(K_FILE, id), encode(&state));
+        self.kv.apply(b)
+    }
+
+    /// The manifest bytes of the file's current version (opaque here; `manifest.rs` owns them).
+    pub fn manifest(&self, id: FileId) -> Result<Option<Vec<u8>>> {
+        self.kv
+            .get(&id_key(K_MANIFEST, id))?
+            .map(|v| check_version("manifest", &v).map(<[u8]>::to_vec))
+            .transpose()
+    }
+
+    // --- per-peer queues ----------------------------------------------------------------------
+
+    fn stats(&self, peer: &PeerKey) -> Result<PeerStats> {
+        match self.kv.get(&key(K_STATS, &[peer]))? {
+            Some(v) => decode("queue counters", &v),
+            None => Ok(PeerStats::default()),
+        }
+    }
+
+    /// Appends a record to `peer`'s queue and flushes before returning; returns its `seq`.
+    ///
+    /// Coalescing: an unacked Content, Delete or Meta record for the same file is superseded —
+    /// removed, and the new record appended at the tail (so an in-flight ack of the old `seq`
+    /// cannot drop the new one). The new record keeps the *oldest* superseded `base_version`,
+    /// the version the peer may still hold. Enqueuing a record identical in kind and version to
+    /// the pending one is a no-op returning the pending `seq`. Renames are never coalesced.
+    pub fn enqueue(&self, peer: &PeerKey, rec: NewRecord) -> Result<u64> {
+        let _g = self.lock();
+        let mut stats = self.stats(peer)?;
+        let mut b = Batch::default();
+        let mut base_version = rec.base_version;
+        let tag = coalesce_tag(&rec.kind);
+        if let Some(tag) = tag {
+            if let Some(v) = self.kv.get(&coalesce_key(peer, rec.file, tag))? {
+                let old_seq = decode_u64("coalesce index", &v)?;
+                if let Some(v) = self.kv.get(&queue_key(peer, old_seq))? {
+                    // An undecodable old record is simply superseded.
+                    if let Ok(old) = decode::<QueueRecord>("queue", &v) {
+                        if old.kind == rec.kind && old.version == rec.version {
+                            return Ok(old.seq);
+                        }
+                        base_version = old.base_version;
+                        stats.bytes = stats.bytes.saturating_sub(old.bytes);
+                    }
+                    b.del(queue_key(peer, old_seq));
+                    stats.len = stats.len.saturating_sub(1);
+                }
+            }
+        }
+        let seq = stats.next_seq;
+        let record = QueueRecord {
+            seq,
+            file: rec.file,
+            kind: rec.kind,
+            base_version,
+            version: rec.version,
+            fence: rec.fence,
+            bytes: rec.bytes,
+        };
+        stats.next_seq += 1;
+        stats.len += 1;
+        stats.bytes = stats.bytes.saturating_add(record.bytes);
+        if let Some(tag) = tag {
+            b.put(
+                coalesce_key(peer, record.file, tag),
+                seq.to_be_bytes().to_vec(),
+            );
+        }
+        b.put(queue_key(peer, seq), encode(&record));
+        b.put(key(K_STATS, &[peer]), encode(&stats));
+        self.kv.apply(b)?;
+        self.kv.flush()?;
+        Ok(seq)
+    }
+
+    /// Up to `n` records from the head of `peer`'s queue, in order. A record that cannot be
+    /// decoded ends the list with [`StoreError::QueueRecord`] naming its `seq`.
+    pub fn peek(&self, peer: &PeerKey, n: usize) -> Result<Vec<QueueRecord>> {
+        let mut out = Vec::with_capacity(n.min(1024));
+        for kv in self.kv.scan_prefix(&key(K_QUEUE, &[peer])).take(n) {
+            let (k, v) = kv?;
+            let seq = decode_u64("queue key", &k[1 + 32..])?;
+            let rec = decode::<QueueRecord>("queue", &v).map_err(|e| StoreError::QueueRecord {
+                seq,
+                source: Box::new(e),
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Removes every record of `peer`'s queue with `seq <= up_to_seq`; returns how many.
+    /// Re-acking is harmless. Not flushed: a lost ack only replays records, which is idempotent.
+    pub fn ack(&self, peer: &PeerKey, up_to_seq: u64) -> Result<usize> {
+        let _g = self.lock();
+        let mut stats = self.stats(peer)?;
+        let mut b = Batch::default();
+        let mut removed = 0;
+        for kv in self
+            .kv
+            .range(queue_key(peer, 0)..=queue_key(peer, up_to_seq))
+        {
+            let (k, v) = kv?;
+            // Undecodable records are removed too (that is how a caller skips them); their
+            // bytes are unknown, so the counter is clamped and reset once the queue is empty.
+            if let Ok(rec) = decode::<QueueRecord>("queue", &v) {
+                stats.bytes = stats.bytes.saturating_sub(rec.bytes);
+                if let Some(tag) = coalesce_tag(&rec.kind) {
+                    let ck = coalesce_key(peer, rec.file, tag);
+                    if self.kv.get(&ck)?.as_deref() == Some(&rec.seq.to_be_bytes()[..]) {
+                        b.del(ck);
+                    }
+                }
+            }
+            b.del(k);
+            stats.len = stats.len.saturating_sub(1);
+            removed += 1;
+        }
+        if removed == 0 {
+            return Ok(0);
+        }
+        if stats.len == 0 {
+            stats.bytes = 0;
+        }
+        b.put(key(K_STATS, &[peer]), encode(&stats));
+        self.kv.apply(b)?;
+        Ok(removed)
+    }
+
+    /// Records pending for `peer`.
+    pub fn len(&self, peer: &PeerKey) -> Result<u64> {
+        Ok(self.stats(peer)?.len)
+    }
+
+    /// Sum of the pending records' `bytes`.
+    pub fn bytes_pending(&self, peer: &PeerKey) -> Result<u64> {
+        Ok(self.stats(peer)?.bytes)
+    }
+
+    /// Remembers the manifest `peer` acknowledged last for `file`: the next delta is computed
+    /// against it.
+    pub fn set_acked_manifest(&self, peer: &PeerKey, file: FileId, manifest: &[u8]) -> Result<()> {
+        let _g = self.lock();
+        let mut m = Vec::with_capacity(manifest.len() + 1);
+        m.push(FORMAT);
+        m.extend_from_slice(manifest);
+        let mut b = Batch::default();
+        b.put(acked_key(file, peer), m);
+        self.kv.apply(b)
+    }
+
+    pub fn acked_manifest(&self, peer: &PeerKey, file: FileId) -> Result<Option<Vec<u8>>> {
+        self.kv
+            .get(&acked_key(file, peer))?
+            .map(|v| check_version("acked manifest", &v).map(<[u8]>::to_vec))
+            .transpose()
+    }
+
+    /// Test and migration hook: writes raw bytes as a queue record (e.g. a damaged one).
+    #[doc(hidden)]
+    pub fn put_raw_queue_record(&self, peer: &PeerKey, seq: u64, bytes: &[u8]) -> Result<()> {
+        let _g = self.lock();
+        let mut b = Batch::default();
+        b.put(queue_key(peer, seq), bytes.to_vec());
+        self.kv.apply(b)?;
+        self.kv.flush()
+    }
+}
