@@ -290,24 +290,7 @@ impl Config {
                 "drive.threads: {threads} is out of range 1..={MAX_THREADS}"
             )));
         }
-        let cache_ttl = match raw.drive.cache_ttl {
-            Some(toml::Value::String(text)) => {
-                duration::parse(&text).map_err(|m| bad(format!("drive.cache_ttl: {m}")))?
-            }
-            Some(other) => {
-                return Err(bad(format!(
-                    "drive.cache_ttl: {other} is not a duration; write it with a unit, e.g. \"1s\" or \"500ms\""
-                )));
-            }
-            None => defaults.cache_ttl,
-        };
-        let drive = DriveConfig {
-            allow_other: raw.drive.allow_other.unwrap_or(defaults.allow_other),
-            threads,
-            passthrough: raw.drive.passthrough.unwrap_or(defaults.passthrough),
-            cache_ttl,
-        };
-
+        // Durations are strings with a unit; a bare number gets a message about units.
         let dur = |key: &str, v: Option<toml::Value>, default: Duration| -> Result<Duration> {
             match v {
                 Some(toml::Value::String(text)) => {
@@ -319,6 +302,14 @@ impl Config {
                 None => Ok(default),
             }
         };
+        let cache_ttl = dur("drive.cache_ttl", raw.drive.cache_ttl, defaults.cache_ttl)?;
+        let drive = DriveConfig {
+            allow_other: raw.drive.allow_other.unwrap_or(defaults.allow_other),
+            threads,
+            passthrough: raw.drive.passthrough.unwrap_or(defaults.passthrough),
+            cache_ttl,
+        };
+
         let ld = LocksConfig::default();
         let policy = match raw.locks.policy.as_deref().map(str::trim) {
             None | Some("available") => LockPolicy::Available,
