@@ -2,13 +2,13 @@
 //! as a table or as JSON. It never touches the mount itself, so it answers even when the drive
 //! is busy; the mount table is read only to warn about a mount nobody serves.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use serde_json::json;
 
 use crate::config::Config;
-use crate::control::{self, ClientError, Request, Status};
+use crate::control::{self, ClientError, Request, Response, Status};
 use crate::duration::format_uptime;
 use crate::mountinfo::{MountTable, PEERFS_FSTYPE};
 
@@ -21,20 +21,33 @@ macro_rules! outln {
     }};
 }
 
-pub fn status_command(config_path: &Path, as_json: bool) -> Result<u8> {
-    let cfg = Config::load(config_path)?;
-    // Compare with what the daemon sees: canonical where the folders exist.
+/// Sends `req` to the daemon serving `cfg`. Returns the state folder as the daemon sees it
+/// (canonical where it exists) and the daemon's answer, None when no daemon answers; a refused
+/// request or a garbled answer is an error.
+fn ask(cfg: &Config, req: &Request) -> Result<(PathBuf, Option<Response>)> {
     let state = std::fs::canonicalize(&cfg.state).unwrap_or_else(|_| cfg.state.clone());
     let socket = state.join("control.sock");
+    match control::request(&socket, req) {
+        Ok(resp) if resp.ok => Ok((state, Some(resp))),
+        Ok(resp) => bail!(
+            "the daemon on {} refused the {} request: {}",
+            socket.display(),
+            req.cmd,
+            resp.error.unwrap_or_else(|| "no reason given".into())
+        ),
+        Err(ClientError::NoDaemon(_)) => Ok((state, None)),
+        Err(e @ ClientError::BadAnswer(_)) => Err(anyhow::anyhow!("{e}")),
+    }
+}
+
+pub fn status_command(config_path: &Path, as_json: bool) -> Result<u8> {
+    let cfg = Config::load(config_path)?;
+    let (state, answer) = ask(&cfg, &Request::status())?;
     let mut out = String::new();
-    let code = match control::request(&socket, &Request::status()) {
-        Ok(resp) => {
-            let Some(status) = resp.status.filter(|_| resp.ok) else {
-                bail!(
-                    "the daemon on {} refused the status request: {}",
-                    socket.display(),
-                    resp.error.unwrap_or_else(|| "no reason given".into())
-                );
+    let code = match answer {
+        Some(resp) => {
+            let Some(status) = resp.status else {
+                bail!("the daemon of {:?} answered without a status", cfg.name);
             };
             if as_json {
                 outln!(out, "{}", serde_json::to_string_pretty(&status)?);
@@ -43,7 +56,7 @@ pub fn status_command(config_path: &Path, as_json: bool) -> Result<u8> {
             }
             0
         }
-        Err(ClientError::NoDaemon(_)) => {
+        None => {
             let orphan = orphan_mount(&cfg);
             if as_json {
                 let v = json!({
@@ -75,7 +88,6 @@ pub fn status_command(config_path: &Path, as_json: bool) -> Result<u8> {
             }
             crate::EXIT_NOT_MOUNTED
         }
-        Err(e @ ClientError::BadAnswer(_)) => return Err(anyhow::anyhow!("{e}")),
     };
     crate::print_stdout(&out)?;
     Ok(code)
@@ -84,17 +96,12 @@ pub fn status_command(config_path: &Path, as_json: bool) -> Result<u8> {
 /// `peerfs locks`: the locks the daemon holds and knows of.
 pub fn locks_command(config_path: &Path, as_json: bool) -> Result<u8> {
     let cfg = Config::load(config_path)?;
-    let state = std::fs::canonicalize(&cfg.state).unwrap_or_else(|_| cfg.state.clone());
-    let socket = state.join("control.sock");
+    let (_, answer) = ask(&cfg, &Request::locks())?;
     let mut out = String::new();
-    let code = match control::request(&socket, &Request::locks()) {
-        Ok(resp) => {
-            let Some(locks) = resp.locks.filter(|_| resp.ok) else {
-                bail!(
-                    "the daemon on {} refused the locks request: {}",
-                    socket.display(),
-                    resp.error.unwrap_or_else(|| "no reason given".into())
-                );
+    let code = match answer {
+        Some(resp) => {
+            let Some(locks) = resp.locks else {
+                bail!("the daemon of {:?} answered without a lock list", cfg.name);
             };
             if as_json {
                 outln!(
@@ -107,7 +114,7 @@ pub fn locks_command(config_path: &Path, as_json: bool) -> Result<u8> {
             }
             0
         }
-        Err(ClientError::NoDaemon(_)) => {
+        None => {
             if as_json {
                 outln!(out, "{}", json!({ "mounted": false, "locks": [] }));
             } else {
@@ -115,7 +122,6 @@ pub fn locks_command(config_path: &Path, as_json: bool) -> Result<u8> {
             }
             crate::EXIT_NOT_MOUNTED
         }
-        Err(e @ ClientError::BadAnswer(_)) => return Err(anyhow::anyhow!("{e}")),
     };
     crate::print_stdout(&out)?;
     Ok(code)

@@ -409,6 +409,26 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Attributes that carry only an inode number and a kind: for negative entries (node id 0)
+/// and the `.`/`..` entries of readdirplus, of which the kernel reads nothing else.
+fn bare_attr(ino: u64, kind: FileKind) -> FileAttr {
+    file_attr(&Attr {
+        ino,
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        kind,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+    })
+}
+
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
@@ -560,22 +580,7 @@ impl Filesystem for Adapter {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             // A negative entry (node id 0) lets the kernel cache "no such name" for the TTL.
             Err(VfsError::Os(e)) if e.0 == libc::ENOENT => {
-                let mut attr = file_attr(&Attr {
-                    ino: 0,
-                    size: 0,
-                    blocks: 0,
-                    atime: SystemTime::UNIX_EPOCH,
-                    mtime: SystemTime::UNIX_EPOCH,
-                    ctime: SystemTime::UNIX_EPOCH,
-                    kind: FileKind::File,
-                    perm: 0,
-                    nlink: 0,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    blksize: 0,
-                });
-                attr.ino = INodeNo(0);
+                let attr = bare_attr(0, FileKind::File);
                 reply.entry(&self.ttl, &attr, Generation(0))
             }
             Err(e) => reply.error(fail("lookup", &e)),
@@ -899,22 +904,7 @@ impl Filesystem for Adapter {
             None => {
                 // `.` and `..`: the kernel takes no reference for them; a zero TTL and the
                 // directory entry's own inode number are all it reads.
-                let mut attr = file_attr(&Attr {
-                    ino: e.ino,
-                    size: 0,
-                    blocks: 0,
-                    atime: SystemTime::UNIX_EPOCH,
-                    mtime: SystemTime::UNIX_EPOCH,
-                    ctime: SystemTime::UNIX_EPOCH,
-                    kind: e.kind,
-                    perm: 0,
-                    nlink: 0,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    blksize: 0,
-                });
-                attr.ino = INodeNo(e.ino);
+                let attr = bare_attr(e.ino, e.kind);
                 reply.add(
                     INodeNo(e.ino),
                     e.offset,

@@ -499,18 +499,7 @@ impl LockCore {
                     // It won without our answer (its timeout, policy `available`).
                     own.deferred.retain(|d| d.req != req);
                 }
-                if self.local.contains_key(&path) {
-                    tracing::warn!(%path, peer = ?from, "peer acquired a name we hold (they could not reach us)");
-                }
-                self.note_fencing(&path, fencing);
-                self.remote.entry(path.clone()).or_default().insert(
-                    from,
-                    RemoteHold {
-                        fencing,
-                        since: now,
-                        expires: None,
-                    },
-                );
+                self.note_remote(&path, from, fencing, now);
                 self.rejudge(&path, now, &mut out);
             }
             LockMsg::Cancel { req } => {
@@ -550,18 +539,7 @@ impl LockCore {
                     }
                 });
                 for (path, fencing) in locks {
-                    if self.local.contains_key(&path) {
-                        tracing::warn!(%path, peer = ?from, "peer holds a name we hold (they could not reach us)");
-                    }
-                    self.note_fencing(&path, fencing);
-                    self.remote.entry(path.clone()).or_default().insert(
-                        from,
-                        RemoteHold {
-                            fencing,
-                            since: now,
-                            expires: None,
-                        },
-                    );
+                    self.note_remote(&path, from, fencing, now);
                     touched.insert(path);
                 }
                 for path in touched {
@@ -643,6 +621,22 @@ impl LockCore {
             .iter()
             .min_by_key(|(id, h)| (h.since, **id))
             .map(|(id, h)| (*id, h.since))
+    }
+
+    /// Records that `from` holds `path` with `fencing` (from its Acquired or Holding).
+    fn note_remote(&mut self, path: &RelPath, from: PeerId, fencing: u64, now: Instant) {
+        if self.local.contains_key(path) {
+            tracing::warn!(%path, peer = ?from, "peer holds a name we hold (they could not reach us)");
+        }
+        self.note_fencing(path, fencing);
+        self.remote.entry(path.clone()).or_default().insert(
+            from,
+            RemoteHold {
+                fencing,
+                since: now,
+                expires: None,
+            },
+        );
     }
 
     /// Another peer with a claim on `dir` or on any path below it: a holder we know of, or a
