@@ -113,6 +113,43 @@ impl RelPath {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The folder containing this path and the last component; `None` for the root.
+    pub fn split_last(&self) -> Option<(RelPath, &OsStr)> {
+        if self.is_root() {
+            return None;
+        }
+        match self.0.iter().rposition(|b| *b == b'/') {
+            Some(i) => Some((
+                RelPath(self.0[..i].to_vec()),
+                OsStr::from_bytes(&self.0[i + 1..]),
+            )),
+            None => Some((RelPath::root(), OsStr::from_bytes(&self.0))),
+        }
+    }
+
+    /// The last component; `None` for the root.
+    pub fn file_name(&self) -> Option<&OsStr> {
+        self.split_last().map(|(_, n)| n)
+    }
+
+    /// This path with `name` appended (validated like any path).
+    pub fn join(&self, name: &OsStr) -> Result<RelPath, RelPathError> {
+        if self.is_root() {
+            return RelPath::new(name.as_bytes());
+        }
+        let mut b = self.0.clone();
+        b.push(b'/');
+        b.extend_from_slice(name.as_bytes());
+        RelPath::new(&b)
+    }
+
+    /// Whether `self` is `other` or lies below it.
+    pub fn starts_with(&self, other: &RelPath) -> bool {
+        other.is_root()
+            || self.0 == other.0
+            || (self.0.starts_with(&other.0) && self.0.get(other.0.len()) == Some(&b'/'))
+    }
 }
 
 impl fmt::Debug for RelPath {

@@ -8,6 +8,7 @@
 //! - [`store`]: the durable state in sled: manifests and per-peer outgoing queues.
 
 pub mod apply;
+pub mod beneath;
 pub mod chunk;
 pub mod delta;
 pub mod manifest;
