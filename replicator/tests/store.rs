@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use peerfs_replicator::store::{
-    CACHE_BYTES, ContentVersion, FileId, NewRecord, RecordKind, ScanStamp, Store, StoreError,
+    CACHE_BYTES, ContentVersion, FileId, NewRecord, QueueRecord, RecordKind, ScanStamp, Store,
+    StoreError,
 };
 
 const PEER_B: [u8; 32] = [0xb; 32];
@@ -20,29 +21,44 @@ fn version(n: u64) -> ContentVersion {
     }
 }
 
-fn content(file: FileId, n: u64, bytes: u64) -> NewRecord {
+/// Everything is unsent: the sender has not taken any record yet.
+const ALL_UNSENT: u64 = 0;
+
+fn content_at(file: FileId, path: &str, bytes: u64) -> NewRecord {
     NewRecord {
         file,
         kind: RecordKind::Content,
-        base_version: (n > 1).then(|| version(n - 1)),
-        version: Some(version(n)),
-        fence: Some(n),
+        path: path.as_bytes().to_vec(),
+        fence: Some(bytes),
         bytes,
     }
 }
 
-fn rename(file: FileId, from: &str, to: &str) -> NewRecord {
+/// Content of `file` at the path `f<id>` (distinct files, distinct paths).
+fn content(file: FileId, bytes: u64) -> NewRecord {
+    content_at(file, &format!("f{}", file.0), bytes)
+}
+
+fn meta_at(file: FileId, path: &str, bytes: u64) -> NewRecord {
+    NewRecord {
+        kind: RecordKind::Meta,
+        fence: None,
+        ..content_at(file, path, bytes)
+    }
+}
+
+fn op_at(file: FileId, path: &str, op: &[u8], bytes: u64) -> NewRecord {
     NewRecord {
         file,
-        kind: RecordKind::Rename {
-            from: from.into(),
-            to: to.into(),
-        },
-        base_version: None,
-        version: None,
+        kind: RecordKind::Op(op.to_vec()),
+        path: path.as_bytes().to_vec(),
         fence: None,
-        bytes: 10,
+        bytes,
     }
+}
+
+fn seqs(recs: &[QueueRecord]) -> Vec<u64> {
+    recs.iter().map(|r| r.seq).collect()
 }
 
 fn open(dir: &Path) -> Store {
@@ -60,11 +76,10 @@ fn crash_child() {
     };
     let store = open(Path::new(&dir));
     for i in 0..5u64 {
-        let id = store
-            .ensure_file_id(Path::new(&format!("doc{i}.docx")))
-            .expect("id");
+        let path = format!("doc{i}.docx");
+        let id = store.ensure_file_id(Path::new(&path)).expect("id");
         store
-            .enqueue(&PEER_B, content(id, i + 1, 1000 + i))
+            .enqueue(&PEER_B, content_at(id, &path, 1000 + i), ALL_UNSENT)
             .expect("enqueue");
     }
     std::process::abort();
@@ -90,7 +105,9 @@ fn enqueued_records_survive_a_crash() {
         (0..5).map(|i| (i, i + 1, 1000 + i)).collect::<Vec<_>>(),
         "records after the crash"
     );
-    assert_eq!(recs[4].version, Some(version(5)));
+    assert_eq!(recs[4].kind, RecordKind::Content);
+    assert_eq!(recs[4].path, b"doc4.docx".to_vec());
+    assert_eq!(recs[4].fence, Some(1004));
     assert_eq!(store.len(&PEER_B).expect("len"), 5);
     assert_eq!(store.bytes_pending(&PEER_B).expect("bytes"), 5010);
     // The ids the queue refers to are still allocated, and never handed out again.
@@ -102,10 +119,17 @@ fn enqueued_records_survive_a_crash() {
         store.ensure_file_id(Path::new("new.txt")).expect("id"),
         FileId(6)
     );
-    // Sequence numbers continue after the crash too.
+    // The coalescing index survived too: the pending record still absorbs a repeat.
     assert_eq!(
         store
-            .enqueue(&PEER_B, rename(FileId(1), "a", "b"))
+            .enqueue(&PEER_B, content_at(FileId(1), "doc0.docx", 7), ALL_UNSENT)
+            .expect("repeat"),
+        0
+    );
+    // Sequence numbers continue after the crash.
+    assert_eq!(
+        store
+            .enqueue(&PEER_B, op_at(FileId(1), "b", b"mv a b", 10), ALL_UNSENT)
             .expect("enqueue"),
         5
     );
@@ -213,107 +237,175 @@ fn file_state_manifests_and_acked_manifests() {
 }
 
 #[test]
+fn prev_manifest_keeps_the_version_before_the_current_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (id, other);
+    {
+        let store = open(dir.path());
+        id = store.ensure_file_id(Path::new("f")).expect("id");
+        other = store.ensure_file_id(Path::new("g")).expect("other");
+        assert_eq!(store.prev_manifest(id).expect("prev"), None);
+
+        // The first version has nothing before it.
+        store.set_content(id, &version(1), b"m1").expect("v1");
+        assert_eq!(store.prev_manifest(id).expect("prev"), None);
+        assert_eq!(store.manifest(id).expect("m"), Some(b"m1".to_vec()));
+
+        store.set_content(id, &version(2), b"m2").expect("v2");
+        assert_eq!(store.prev_manifest(id).expect("prev"), Some(b"m1".to_vec()));
+        assert_eq!(store.manifest(id).expect("m"), Some(b"m2".to_vec()));
+
+        // Recording the same manifest again (a rescan, a replayed update) keeps the real
+        // predecessor instead of making the current manifest its own predecessor.
+        store.set_content(id, &version(2), b"m2").expect("v2 again");
+        assert_eq!(store.prev_manifest(id).expect("prev"), Some(b"m1".to_vec()));
+        assert_eq!(store.manifest(id).expect("m"), Some(b"m2".to_vec()));
+
+        store.set_content(id, &version(3), b"m3").expect("v3");
+        assert_eq!(store.prev_manifest(id).expect("prev"), Some(b"m2".to_vec()));
+
+        // Another file's manifests are its own.
+        store.set_content(other, &version(1), b"o1").expect("other");
+        assert_eq!(store.prev_manifest(other).expect("prev other"), None);
+        store.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    assert_eq!(store.prev_manifest(id).expect("prev"), Some(b"m2".to_vec()));
+    assert_eq!(store.manifest(id).expect("m"), Some(b"m3".to_vec()));
+    assert_eq!(
+        store.file_state(id).expect("state").and_then(|s| s.version),
+        Some(version(3))
+    );
+
+    store.forget_file(id).expect("forget");
+    assert_eq!(store.prev_manifest(id).expect("prev"), None);
+    assert_eq!(store.manifest(other).expect("other"), Some(b"o1".to_vec()));
+}
+
+#[test]
 fn ack_removes_exactly_up_to_seq() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     for i in 0..6u64 {
         store
-            .enqueue(&PEER_B, content(FileId(i + 1), 1, 10))
+            .enqueue(&PEER_B, content(FileId(i + 1), 10), ALL_UNSENT)
             .expect("enqueue");
     }
     store
-        .enqueue(&PEER_C, content(FileId(1), 1, 10))
+        .enqueue(&PEER_C, content(FileId(1), 10), ALL_UNSENT)
         .expect("enqueue C");
     assert_eq!(store.ack(&PEER_B, 2).expect("ack"), 3);
-    let seqs: Vec<u64> = store
-        .peek(&PEER_B, 10)
-        .expect("peek")
-        .iter()
-        .map(|r| r.seq)
-        .collect();
-    assert_eq!(seqs, vec![3, 4, 5]);
+    assert_eq!(seqs(&store.peek(&PEER_B, 10).expect("peek")), vec![3, 4, 5]);
     // Re-acking, or acking below the head, changes nothing.
     assert_eq!(store.ack(&PEER_B, 2).expect("re-ack"), 0);
     assert_eq!(store.ack(&PEER_B, 0).expect("old ack"), 0);
     assert_eq!(store.len(&PEER_B).expect("len"), 3);
     // Other peers' queues are untouched.
     assert_eq!(store.len(&PEER_C).expect("len C"), 1);
-    assert_eq!(store.ack(&PEER_B, u64::MAX).expect("ack all"), 3);
-    assert!(store.peek(&PEER_B, 10).expect("peek").is_empty());
-    assert_eq!(store.len(&PEER_B).expect("len"), 0);
-    // A coalescing index left behind by ack would wrongly swallow this as a replay.
+    // An acked record no longer absorbs new changes to its file.
     assert_eq!(
         store
-            .enqueue(&PEER_B, content(FileId(1), 1, 10))
-            .expect("again"),
+            .enqueue(&PEER_B, content(FileId(3), 10), ALL_UNSENT)
+            .expect("after ack"),
         6
     );
+    assert_eq!(store.ack(&PEER_B, u64::MAX).expect("ack all"), 4);
+    assert!(store.peek(&PEER_B, 10).expect("peek").is_empty());
+    assert_eq!(store.len(&PEER_B).expect("len"), 0);
+    // A coalescing index left behind by ack must not swallow this as a repeat.
+    assert_eq!(
+        store
+            .enqueue(&PEER_B, content(FileId(1), 10), ALL_UNSENT)
+            .expect("again"),
+        7
+    );
+    assert_eq!(store.len(&PEER_B).expect("len"), 1);
 }
 
 #[test]
-fn newer_content_supersedes_unsent_content() {
+fn unsent_content_and_meta_coalesce_by_file_and_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let f = FileId(7);
-    let s1 = store.enqueue(&PEER_B, content(f, 2, 100)).expect("v2");
-    let s2 = store.enqueue(&PEER_B, rename(f, "a", "b")).expect("rename");
-    // Replaying the same (file, version) is a no-op.
-    assert_eq!(
-        store.enqueue(&PEER_B, content(f, 2, 100)).expect("replay"),
-        s1
-    );
-    let s3 = store.enqueue(&PEER_B, content(f, 3, 300)).expect("v3");
-    assert!(s3 > s2);
+    let (f, g) = (FileId(7), FileId(8));
+    let enq = |rec, unsent_from| store.enqueue(&PEER_B, rec, unsent_from).expect("enqueue");
+
+    let s0 = enq(content_at(f, "a", 100), ALL_UNSENT);
+    assert_eq!(s0, 0);
+    // Same file, same path, still unsent: a no-op returning the pending seq. Content is read
+    // at send time, so the pending record already carries the newer change; it is kept as is.
+    assert_eq!(enq(content_at(f, "a", 999), ALL_UNSENT), s0);
     let recs = store.peek(&PEER_B, 10).expect("peek");
-    assert_eq!(recs.len(), 2, "{recs:?}");
-    assert_eq!(recs[0].seq, s2);
-    assert!(matches!(recs[0].kind, RecordKind::Rename { .. }));
-    assert_eq!(recs[1].seq, s3);
-    assert_eq!(recs[1].version, Some(version(3)));
-    // The peer still holds v1 (the superseded record's base), not v2.
-    assert_eq!(recs[1].base_version, Some(version(1)));
-    assert_eq!(store.len(&PEER_B).expect("len"), 2);
-    assert_eq!(store.bytes_pending(&PEER_B).expect("bytes"), 310);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!((recs[0].bytes, recs[0].fence), (100, Some(100)));
 
-    // An ack of the superseded (in-flight) seq must not drop the newer version.
-    assert_eq!(store.ack(&PEER_B, s1).expect("ack old"), 0);
-    assert_eq!(store.len(&PEER_B).expect("len"), 2);
+    // Another file at the same path is a different record.
+    let s1 = enq(content_at(g, "a", 10), ALL_UNSENT);
+    assert_eq!(s1, 1);
+    // Meta does not merge into the same file's pending Content, but it coalesces with itself.
+    let s2 = enq(meta_at(f, "a", 1), ALL_UNSENT);
+    assert_eq!(s2, 2);
+    assert_eq!(enq(meta_at(f, "a", 1), ALL_UNSENT), s2);
+    // Content for f still lands on s0 after the unrelated records.
+    assert_eq!(enq(content_at(f, "a", 100), ALL_UNSENT), s0);
 
-    // Meta records coalesce by lamport; renames never coalesce.
-    let meta = |lamport| NewRecord {
-        file: f,
-        kind: RecordKind::Meta { lamport },
-        base_version: None,
-        version: None,
-        fence: None,
-        bytes: 1,
-    };
-    store.enqueue(&PEER_B, meta(1)).expect("meta 1");
-    store.enqueue(&PEER_B, meta(2)).expect("meta 2");
-    store
-        .enqueue(&PEER_B, rename(f, "b", "c"))
-        .expect("rename 2");
-    let kinds: Vec<RecordKind> = store
-        .peek(&PEER_B, 10)
-        .expect("peek")
-        .into_iter()
-        .map(|r| r.kind)
+    // Operations never coalesce, not even identical ones.
+    let s3 = enq(op_at(f, "b", b"mv a b", 5), ALL_UNSENT);
+    let s4 = enq(op_at(f, "b", b"mv a b", 5), ALL_UNSENT);
+    assert_eq!((s3, s4), (3, 4));
+
+    // After the rename the peer knows the file as "b": content at "b" must be a new record
+    // after the rename, not folded into s0 (which the peer applies to "a", before it).
+    let s5 = enq(content_at(f, "b", 100), ALL_UNSENT);
+    assert_eq!(s5, 5);
+    assert_eq!(enq(content_at(f, "b", 100), ALL_UNSENT), s5);
+    let s6 = enq(meta_at(f, "b", 1), ALL_UNSENT);
+    assert_eq!(s6, 6);
+
+    // The sender has taken everything up to s5: a sent record absorbs nothing.
+    let s7 = enq(content_at(f, "b", 100), s5 + 1);
+    assert_eq!(s7, 7);
+    // ...while a record exactly at the unsent mark still does (the bound is inclusive).
+    assert_eq!(enq(content_at(f, "b", 100), s7), s7);
+    // Meta at s6 is still unsent for a mark of s6, sent for a mark of s6 + 1.
+    assert_eq!(enq(meta_at(f, "b", 1), s6), s6);
+    let s8 = enq(meta_at(f, "b", 1), s6 + 1);
+    assert_eq!(s8, 8);
+
+    let recs = store.peek(&PEER_B, 100).expect("peek");
+    assert_eq!(seqs(&recs), (0..=8).collect::<Vec<_>>());
+    let shape: Vec<(u64, RecordKind, &[u8])> = recs
+        .iter()
+        .map(|r| (r.file.0, r.kind.clone(), r.path.as_slice()))
         .collect();
     assert_eq!(
-        kinds,
+        shape,
         vec![
-            RecordKind::Rename {
-                from: b"a".to_vec(),
-                to: b"b".to_vec()
-            },
-            RecordKind::Content,
-            RecordKind::Meta { lamport: 2 },
-            RecordKind::Rename {
-                from: b"b".to_vec(),
-                to: b"c".to_vec()
-            },
+            (7, RecordKind::Content, &b"a"[..]),
+            (8, RecordKind::Content, b"a"),
+            (7, RecordKind::Meta, b"a"),
+            (7, RecordKind::Op(b"mv a b".to_vec()), b"b"),
+            (7, RecordKind::Op(b"mv a b".to_vec()), b"b"),
+            (7, RecordKind::Content, b"b"),
+            (7, RecordKind::Meta, b"b"),
+            (7, RecordKind::Content, b"b"),
+            (7, RecordKind::Meta, b"b"),
         ]
     );
+
+    // The peer acks the sent s5: the newer s7 stays pending and keeps absorbing changes.
+    assert_eq!(store.ack(&PEER_B, s5).expect("ack"), 6);
+    assert_eq!(enq(content_at(f, "b", 100), s5 + 1), s7);
+    assert_eq!(seqs(&store.peek(&PEER_B, 10).expect("peek")), vec![6, 7, 8]);
+
+    // Queues are per peer: PEER_C has nothing pending for f, so it gets its own first record.
+    assert_eq!(
+        store
+            .enqueue(&PEER_C, content_at(f, "b", 100), ALL_UNSENT)
+            .expect("C"),
+        0
+    );
+    assert_eq!(store.len(&PEER_C).expect("len C"), 1);
+    assert_eq!(store.len(&PEER_B).expect("len B"), 3);
 }
 
 #[test]
@@ -322,43 +414,99 @@ fn bytes_pending_tracks_enqueue_coalesce_and_ack() {
     {
         let store = open(dir.path());
         assert_eq!(store.bytes_pending(&PEER_B).expect("empty"), 0);
+        let enq = |rec, unsent_from| store.enqueue(&PEER_B, rec, unsent_from).expect("enqueue");
+        assert_eq!(enq(content(FileId(1), 1000), ALL_UNSENT), 0);
+        assert_eq!(enq(content(FileId(2), 2000), ALL_UNSENT), 1);
         store
-            .enqueue(&PEER_B, content(FileId(1), 1, 1000))
-            .expect("1");
-        store
-            .enqueue(&PEER_B, content(FileId(2), 1, 2000))
-            .expect("2");
-        store
-            .enqueue(&PEER_C, content(FileId(2), 1, 2000))
+            .enqueue(&PEER_C, content(FileId(2), 2000), ALL_UNSENT)
             .expect("C");
         assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 3000);
-        store
-            .enqueue(&PEER_B, content(FileId(1), 2, 500))
-            .expect("coalesce");
-        assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 2500);
+
+        // Coalesced: nothing is added, and the pending record's estimate stands.
+        assert_eq!(enq(content(FileId(1), 500), ALL_UNSENT), 0);
+        assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 3000);
+        assert_eq!(store.len(&PEER_B).expect("len"), 2);
+
+        // A different path is a new record and counts.
+        assert_eq!(enq(content_at(FileId(1), "renamed", 500), ALL_UNSENT), 2);
+        assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 3500);
+        // So is content whose pending record was already sent.
+        assert_eq!(enq(content(FileId(2), 700), 2), 3);
+        assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 4200);
+        // Operations always count.
+        enq(op_at(FileId(1), "x", b"op", 50), ALL_UNSENT);
+        enq(op_at(FileId(1), "x", b"op", 50), ALL_UNSENT);
+        assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 4300);
+        assert_eq!(store.len(&PEER_B).expect("len"), 6);
     }
     let store = open(dir.path());
-    assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 2500);
+    assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 4300);
+    assert_eq!(store.len(&PEER_B).expect("len"), 6);
     assert_eq!(store.bytes_pending(&PEER_C).expect("c"), 2000);
-    store.ack(&PEER_B, 1).expect("ack file 2");
-    assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 500);
+    assert_eq!(store.ack(&PEER_B, 1).expect("ack first two"), 2);
+    assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 1300);
+    assert_eq!(store.ack(&PEER_B, 3).expect("ack two more"), 2);
+    assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 100);
     store.ack(&PEER_B, u64::MAX).expect("ack all");
     assert_eq!(store.bytes_pending(&PEER_B).expect("b"), 0);
+    assert_eq!(store.bytes_pending(&PEER_C).expect("c"), 2000);
+}
+
+#[test]
+fn peek_from_starts_at_the_given_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    for i in 0..10u64 {
+        store
+            .enqueue(&PEER_B, op_at(FileId(i), "x", &[i as u8], 1), ALL_UNSENT)
+            .expect("enqueue B");
+    }
+    // PEER_C's keys sort right after PEER_B's: peek_from must not run into them.
+    for i in 0..3u64 {
+        store
+            .enqueue(&PEER_C, op_at(FileId(100 + i), "y", b"c", 1), ALL_UNSENT)
+            .expect("enqueue C");
+    }
+    let peek_from = |peer, from, n| store.peek_from(peer, from, n).expect("peek_from");
+
+    assert_eq!(
+        seqs(&peek_from(&PEER_B, 0, 100)),
+        (0..10).collect::<Vec<_>>()
+    );
+    assert_eq!(seqs(&peek_from(&PEER_B, 4, 3)), vec![4, 5, 6]);
+    assert_eq!(seqs(&peek_from(&PEER_B, 8, 100)), vec![8, 9]);
+    assert!(peek_from(&PEER_B, 10, 100).is_empty());
+    assert!(peek_from(&PEER_B, u64::MAX, 100).is_empty());
+    assert!(peek_from(&PEER_B, 4, 0).is_empty());
+    let rec = &peek_from(&PEER_B, 7, 1)[0];
+    assert_eq!(
+        (rec.file, &rec.kind, rec.path.as_slice()),
+        (FileId(7), &RecordKind::Op(vec![7]), &b"x"[..])
+    );
+    let c = peek_from(&PEER_C, 0, 100);
+    assert_eq!(seqs(&c), vec![0, 1, 2]);
+    assert!(c.iter().all(|r| r.file.0 >= 100), "{c:?}");
+    assert!(peek_from(&[0xd; 32], 0, 100).is_empty());
+
+    // It does not consume anything, and after an ack a mark below the head starts at the head.
+    assert_eq!(store.len(&PEER_B).expect("len"), 10);
+    assert_eq!(store.ack(&PEER_B, 5).expect("ack"), 6);
+    assert_eq!(seqs(&peek_from(&PEER_B, 0, 2)), vec![6, 7]);
+    assert_eq!(
+        peek_from(&PEER_B, 3, 100),
+        store.peek(&PEER_B, 100).expect("peek")
+    );
 }
 
 #[test]
 fn damaged_or_unknown_records_are_errors_not_panics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    store
-        .enqueue(&PEER_B, content(FileId(1), 1, 10))
-        .expect("1");
-    store
-        .enqueue(&PEER_B, content(FileId(2), 1, 10))
-        .expect("2");
-    store
-        .enqueue(&PEER_B, content(FileId(3), 1, 10))
-        .expect("3");
+    for i in 1..=3 {
+        store
+            .enqueue(&PEER_B, content(FileId(i), 10), ALL_UNSENT)
+            .expect("enqueue");
+    }
 
     // A record from a future build: format version 9.
     store
@@ -380,7 +528,25 @@ fn damaged_or_unknown_records_are_errors_not_panics() {
             "{err:?}"
         );
         assert!(err.to_string().contains("queue record 0"), "{err}");
+        let err = store.peek_from(&PEER_B, 0, 10).expect_err("peek_from");
+        assert!(
+            matches!(&err, StoreError::QueueRecord { seq: 0, .. }),
+            "{err:?}"
+        );
     }
+    // Reading past the damaged record works.
+    assert_eq!(
+        seqs(&store.peek_from(&PEER_B, 1, 10).expect("past it")),
+        vec![1, 2]
+    );
+    // The damaged record was file 1's pending content: it cannot absorb a new change, which
+    // must be queued afresh rather than lost.
+    assert_eq!(
+        store
+            .enqueue(&PEER_B, content(FileId(1), 10), ALL_UNSENT)
+            .expect("re-enqueue"),
+        3
+    );
     // Acking the damaged seq skips it; the rest is intact.
     assert_eq!(store.ack(&PEER_B, 0).expect("skip"), 1);
     let files: Vec<u64> = store
@@ -389,8 +555,8 @@ fn damaged_or_unknown_records_are_errors_not_panics() {
         .iter()
         .map(|r| r.file.0)
         .collect();
-    assert_eq!(files, vec![2, 3]);
-    assert_eq!(store.len(&PEER_B).expect("len"), 2);
+    assert_eq!(files, vec![2, 3, 1]);
+    assert_eq!(store.len(&PEER_B).expect("len"), 3);
 }
 
 // sled's default cache (1 GiB) is resident memory; the peer's budget is 256 MiB.
@@ -402,7 +568,7 @@ fn peek_is_bounded() {
     let store = open(dir.path());
     for i in 0..300u64 {
         store
-            .enqueue(&PEER_B, rename(FileId(i), "x", "y"))
+            .enqueue(&PEER_B, op_at(FileId(i), "y", b"mv x y", 10), ALL_UNSENT)
             .expect("enqueue");
     }
     let recs = store.peek(&PEER_B, 16).expect("peek");
