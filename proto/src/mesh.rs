@@ -154,6 +154,10 @@ pub struct PeerStatus {
     pub connections: usize,
     /// Bytes queued on the Bulk lane, not yet written (for callers' flow control).
     pub bulk_queued: usize,
+    /// Bytes sent to / received from this peer since the mesh started, as TCP carried them
+    /// (TLS records included; TCP/IP headers not).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 fn serialize_display<S: serde::Serializer>(id: &PeerId, s: S) -> Result<S::Ok, S::Error> {
@@ -363,7 +367,15 @@ impl Mesh {
             .iter()
             .map(|slot| {
                 let st = slot.state.lock();
+                let (mut sent, mut received) = (st.bytes_sent_closed, st.bytes_received_closed);
+                for c in st.conns.values() {
+                    let (s, r) = tcp_bytes(c.fd);
+                    sent += s;
+                    received += r;
+                }
                 PeerStatus {
+                    bytes_sent: sent,
+                    bytes_received: received,
                     name: slot.name.clone(),
                     id: slot.id,
                     address: slot.address.clone(),
@@ -445,6 +457,9 @@ struct SlotState {
     conns: HashMap<u64, ConnEntry>,
     /// The last Ping sent and when, to measure the round trip.
     ping: Option<(u64, Instant)>,
+    /// TCP payload bytes (TLS records included) of connections already closed.
+    bytes_sent_closed: u64,
+    bytes_received_closed: u64,
 }
 
 struct Active {
@@ -455,6 +470,9 @@ struct Active {
 
 struct ConnEntry {
     cmd: watch::Sender<ConnCmd>,
+    /// The connection's socket, for its TCP byte counters (valid while registered: the stream
+    /// is dropped only after `unregister`).
+    fd: std::os::fd::RawFd,
 }
 
 /// A session's queues. The senders are cloned to whichever connection is active; the receivers
@@ -663,7 +681,7 @@ impl Inner {
 
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (cmd, _) = watch::channel(ConnCmd::Run);
-        match self.register(&slot, conn, Direction::Inbound, &cmd) {
+        match self.register(&slot, conn, Direction::Inbound, &cmd, raw_fd(&stream)) {
             Registration::Rejected => {
                 tracing::debug!(peer = %slot.name, id = %slot.id, %addr,
                     "closing a duplicate connection: the one dialled by the lower id is kept");
@@ -776,7 +794,7 @@ impl Inner {
         slot.check_name(&name);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (cmd, _) = watch::channel(ConnCmd::Run);
-        let registration = self.register(slot, conn, Direction::Outbound, &cmd);
+        let registration = self.register(slot, conn, Direction::Outbound, &cmd, raw_fd(&stream));
         self.run_connection(
             slot.clone(),
             conn,
@@ -836,9 +854,13 @@ impl Inner {
         conn: u64,
         direction: Direction,
         cmd: &watch::Sender<ConnCmd>,
+        fd: std::os::fd::RawFd,
     ) -> Registration {
         let mut st = slot.state.lock();
-        let entry = ConnEntry { cmd: cmd.clone() };
+        let entry = ConnEntry {
+            cmd: cmd.clone(),
+            fd,
+        };
         let Some(current) = st.active.as_ref() else {
             st.session += 1;
             let lanes = Lanes::new();
@@ -906,7 +928,11 @@ impl Inner {
     /// other connection with the peer is stopped and `Disconnected` is emitted.
     fn unregister(&self, slot: &Slot, conn: u64, end: End) {
         let mut st = slot.state.lock();
-        st.conns.remove(&conn);
+        if let Some(e) = st.conns.remove(&conn) {
+            let (sent, received) = tcp_bytes(e.fd);
+            st.bytes_sent_closed += sent;
+            st.bytes_received_closed += received;
+        }
         if st.active.as_ref().is_some_and(|a| a.conn == conn) {
             st.active = None;
             st.since = None;
@@ -1170,6 +1196,7 @@ fn kind(msg: &Message) -> &'static str {
         Message::Ping { .. } => "Ping",
         Message::Pong { .. } => "Pong",
         Message::Lock(_) => "Lock",
+        Message::Repl(_) => "Repl",
     }
 }
 
@@ -1214,6 +1241,36 @@ fn with_default_port(address: &str) -> String {
 }
 
 /// Latency settings for a peer socket; failures only cost latency, so they are logged.
+fn raw_fd(stream: &Stream) -> std::os::fd::RawFd {
+    use std::os::fd::AsRawFd;
+    match stream {
+        TlsStream::Client(s) => s.get_ref().0.as_raw_fd(),
+        TlsStream::Server(s) => s.get_ref().0.as_raw_fd(),
+    }
+}
+
+/// (bytes acknowledged by the peer, bytes received) of a TCP socket; zeros if unavailable.
+fn tcp_bytes(fd: std::os::fd::RawFd) -> (u64, u64) {
+    // SAFETY: tcp_info is plain data; zero is a valid initial value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid out-parameters of the stated size; a stale or foreign
+    // descriptor only makes the call fail.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return (0, 0);
+    }
+    (info.tcpi_bytes_acked, info.tcpi_bytes_received)
+}
+
 fn setup_socket(tcp: &TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!("cannot set TCP_NODELAY: {e}");

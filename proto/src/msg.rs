@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PeerId, RelPath};
 
 /// The protocol version this build speaks; exchanged in [`Message::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// One frame's content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +27,135 @@ pub enum Message {
     },
     /// Distributed locking (lockd, mesh mode).
     Lock(LockMsg),
+    /// Replication (the replicator's push stream and its acknowledgements).
+    Repl(ReplMsg),
+}
+
+/// A 32-byte blake3 hash (chunk id or content hash).
+pub type Hash = [u8; 32];
+
+/// Replicated attributes of a file, folder or symlink. Ownership and modes are applied by the
+/// receiver's policy (setuid/setgid are always stripped); only `user.*` xattrs travel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub xattrs: Vec<(ByteBuf, ByteBuf)>,
+}
+
+/// Bytes serialised compactly (postcard byte string, not a sequence of integers).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ByteBuf(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// A namespace change, applied by the receiver in stream order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NsOp {
+    Mkdir {
+        path: RelPath,
+        meta: Meta,
+    },
+    Symlink {
+        path: RelPath,
+        target: ByteBuf,
+        meta: Meta,
+    },
+    /// A new hard link `path` to the file at `existing`.
+    Link {
+        existing: RelPath,
+        path: RelPath,
+    },
+    /// Moves the object at `path` (a folder with everything in it) to the receiver's trash.
+    Remove {
+        path: RelPath,
+    },
+    /// Renames (over an existing object, which goes to the trash).
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
+    /// New attributes for the object at `path`.
+    SetMeta {
+        path: RelPath,
+        meta: Meta,
+    },
+}
+
+/// How the receiver fared with one record of the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AckOutcome {
+    Applied,
+    /// The receiver's current content at the path is not the transfer's base (`have`: its
+    /// content hash, `None` if it has no file there): resend against that, or in full.
+    BaseMismatch {
+        have: Option<Hash>,
+    },
+    /// The operation needs an object the receiver does not have (a rename's source, a link's
+    /// target): send the content of `path` instead.
+    NeedContent {
+        path: RelPath,
+    },
+    /// Applying failed; the receiver's files are unchanged. `retry`: worth trying again later
+    /// (disk full, permission), else the record is skipped.
+    Failed {
+        error: String,
+        retry: bool,
+    },
+}
+
+/// Replication stream, sender → receiver on the Bulk lane (in order), acknowledgements and
+/// flow credit receiver → sender on the Control lane.
+///
+/// Each queued record travels as one [`ReplMsg::Op`] or as a content transfer:
+/// [`ReplMsg::Begin`], then `Copy`/`Data` pieces in new-file order, then [`ReplMsg::End`]. A
+/// receiver that refuses a record ignores the rest of that `epoch`; the sender starts a new
+/// epoch at the record it resends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplMsg {
+    Op {
+        epoch: u64,
+        seq: u64,
+        op: NsOp,
+    },
+    /// Start of a content transfer of `path`: the new version is `size` bytes with
+    /// `content_hash`, built from the receiver's version `base` (its content hash; `None`:
+    /// everything travels) plus pieces.
+    Begin {
+        epoch: u64,
+        seq: u64,
+        path: RelPath,
+        base: Option<Hash>,
+        size: u64,
+        content_hash: Hash,
+        meta: Meta,
+        fence: Option<u64>,
+    },
+    /// Bytes of the base version at `from_offset` (whole base chunks).
+    Copy {
+        seq: u64,
+        from_offset: u64,
+        len: u64,
+    },
+    /// Part of a new chunk; the part with `hash` set completes it (≤ 64 KiB per chunk).
+    Data {
+        seq: u64,
+        hash: Option<Hash>,
+        bytes: ByteBuf,
+    },
+    End {
+        seq: u64,
+    },
+    Ack {
+        seq: u64,
+        outcome: AckOutcome,
+    },
+    /// Flow credit: the receiver has consumed `bytes` of transfer `seq`.
+    Progress {
+        seq: u64,
+        bytes: u64,
+    },
 }
 
 /// Identifies one lock request across the mesh: the peer that asked and its sequence number.
