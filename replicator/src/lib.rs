@@ -11,8 +11,11 @@ pub mod apply;
 pub mod beneath;
 pub mod chunk;
 pub mod delta;
+pub mod engine;
 pub mod manifest;
+pub mod meta;
 pub mod store;
+pub mod trash;
 
 pub use apply::{ApplyError, ApplyOutcome, ChunkSource, TMP_PREFIX, VerifiedChunk, apply};
 pub use chunk::{AVG_SIZE, ChunkRef, Hash, MAX_SIZE, MIN_SIZE};

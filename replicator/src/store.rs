@@ -68,19 +68,17 @@ pub struct FileState {
     pub stamp: Option<ScanStamp>,
 }
 
-/// What a queued record asks the peer to do with the file. The payload (bytes, attributes) is
-/// read at send time from the current file: old versions no longer exist to send.
+/// What a queued record asks the peer to do. Content and metadata are read at send time from
+/// the current file: old versions no longer exist to send.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecordKind {
-    /// Bring the peer to the file's current content.
+    /// Bring the peer's object at the record's path to the file's current content and
+    /// attributes (a folder or symlink: its current kind and attributes).
     Content,
-    /// Move the file to the peer's trash.
-    Delete,
-    /// Namespace change; path bytes as [`Store`] keys them (`OsStr` encoded bytes). Never
-    /// coalesced: renames are causally ordered.
-    Rename { from: Vec<u8>, to: Vec<u8> },
-    /// Replicate metadata (times, modes, xattrs); `lamport` orders last-writer-wins merges.
-    Meta { lamport: u64 },
+    /// Bring the attributes of the peer's object at the record's path up to date.
+    Meta,
+    /// A namespace operation, encoded by the replicator. Never coalesced: applied in order.
+    Op(Vec<u8>),
 }
 
 /// A record as the caller hands it to [`Store::enqueue`] (the store assigns the sequence number).
@@ -88,10 +86,8 @@ pub enum RecordKind {
 pub struct NewRecord {
     pub file: FileId,
     pub kind: RecordKind,
-    /// The version the peer is expected to hold; a receiver at another version keeps both.
-    pub base_version: Option<ContentVersion>,
-    /// The version this record brings (Content), or the file's version when it was recorded.
-    pub version: Option<ContentVersion>,
+    /// The path the peer knows the file by at this point of the stream (path bytes).
+    pub path: Vec<u8>,
     /// The lock's fencing token, when the change was made under a lock.
     pub fence: Option<u64>,
     /// Bytes this record is expected to send (for `bytes_pending`); an estimate is fine.
@@ -105,8 +101,7 @@ pub struct QueueRecord {
     pub seq: u64,
     pub file: FileId,
     pub kind: RecordKind,
-    pub base_version: Option<ContentVersion>,
-    pub version: Option<ContentVersion>,
+    pub path: Vec<u8>,
     pub fence: Option<u64>,
     pub bytes: u64,
 }
@@ -271,6 +266,7 @@ const K_QUEUE: u8 = b'Q'; // peer, seq -> QueueRecord
 const K_COALESCE: u8 = b'C'; // peer, file, kind tag -> seq of the pending record
 const K_STATS: u8 = b'S'; // peer -> PeerStats
 const K_ACKED: u8 = b'A'; // file, peer -> manifest the peer acked
+const K_PREV: u8 = b'p'; // FileId -> manifest of the version before the current one
 
 // b'M': database-wide values.
 const META_NEXT_ID: &[u8] = b"Mnext_file_id";
@@ -328,9 +324,8 @@ fn acked_key(file: FileId, peer: &PeerKey) -> Vec<u8> {
 fn coalesce_tag(kind: &RecordKind) -> Option<u8> {
     match kind {
         RecordKind::Content => Some(0),
-        RecordKind::Delete => Some(1),
-        RecordKind::Meta { .. } => Some(2),
-        RecordKind::Rename { .. } => None,
+        RecordKind::Meta => Some(2),
+        RecordKind::Op(_) => None,
     }
 }
 
@@ -490,6 +485,7 @@ impl Store {
         b.del(id_key(K_ID_PATH, id));
         b.del(id_key(K_FILE, id));
         b.del(id_key(K_MANIFEST, id));
+        b.del(id_key(K_PREV, id));
         for kv in self.kv.scan_prefix(&id_key(K_ACKED, id)) {
             b.del(kv?.0);
         }
@@ -523,9 +519,23 @@ impl Store {
         m.push(FORMAT);
         m.extend_from_slice(manifest);
         let mut b = Batch::default();
+        if let Some(cur) = self.kv.get(&id_key(K_MANIFEST, id))? {
+            if cur != m {
+                b.put(id_key(K_PREV, id), cur);
+            }
+        }
         b.put(id_key(K_FILE, id), encode(&state));
         b.put(id_key(K_MANIFEST, id), m);
         self.kv.apply(b)
+    }
+
+    /// The manifest of the version before the current one (the version peers most likely hold
+    /// when this server has no acknowledgement from them).
+    pub fn prev_manifest(&self, id: FileId) -> Result<Option<Vec<u8>>> {
+        self.kv
+            .get(&id_key(K_PREV, id))?
+            .map(|v| check_version("manifest", &v).map(<[u8]>::to_vec))
+            .transpose()
     }
 
     /// Records what the start scan saw of the backing file.
@@ -557,41 +567,35 @@ impl Store {
 
     /// Appends a record to `peer`'s queue and flushes before returning; returns its `seq`.
     ///
-    /// Coalescing: an unacked Content, Delete or Meta record for the same file is superseded —
-    /// removed, and the new record appended at the tail (so an in-flight ack of the old `seq`
-    /// cannot drop the new one). The new record keeps the *oldest* superseded `base_version`,
-    /// the version the peer may still hold. Enqueuing a record identical in kind and version to
-    /// the pending one is a no-op returning the pending `seq`. Renames are never coalesced.
-    pub fn enqueue(&self, peer: &PeerKey, rec: NewRecord) -> Result<u64> {
+    /// Coalescing: a Content or Meta record for the same file and path that is still pending
+    /// with `seq >= unsent_from` (the caller's mark of what it has not sent yet) already brings
+    /// the peer to the file's state at send time, so the new record is not added and that
+    /// record's `seq` is returned. Operations are never coalesced.
+    pub fn enqueue(&self, peer: &PeerKey, rec: NewRecord, unsent_from: u64) -> Result<u64> {
         let _g = self.lock();
         let mut stats = self.stats(peer)?;
-        let mut b = Batch::default();
-        let mut base_version = rec.base_version;
         let tag = coalesce_tag(&rec.kind);
         if let Some(tag) = tag {
             if let Some(v) = self.kv.get(&coalesce_key(peer, rec.file, tag))? {
                 let old_seq = decode_u64("coalesce index", &v)?;
-                if let Some(v) = self.kv.get(&queue_key(peer, old_seq))? {
-                    // An undecodable old record is simply superseded.
-                    if let Ok(old) = decode::<QueueRecord>("queue", &v) {
-                        if old.kind == rec.kind && old.version == rec.version {
-                            return Ok(old.seq);
+                if old_seq >= unsent_from {
+                    if let Some(v) = self.kv.get(&queue_key(peer, old_seq))? {
+                        if let Ok(old) = decode::<QueueRecord>("queue", &v) {
+                            if old.path == rec.path && old.kind == rec.kind {
+                                return Ok(old.seq);
+                            }
                         }
-                        base_version = old.base_version;
-                        stats.bytes = stats.bytes.saturating_sub(old.bytes);
                     }
-                    b.del(queue_key(peer, old_seq));
-                    stats.len = stats.len.saturating_sub(1);
                 }
             }
         }
+        let mut b = Batch::default();
         let seq = stats.next_seq;
         let record = QueueRecord {
             seq,
             file: rec.file,
             kind: rec.kind,
-            base_version,
-            version: rec.version,
+            path: rec.path,
             fence: rec.fence,
             bytes: rec.bytes,
         };
@@ -609,6 +613,25 @@ impl Store {
         self.kv.apply(b)?;
         self.kv.flush()?;
         Ok(seq)
+    }
+
+    /// Up to `n` records of `peer`'s queue with `seq >= from`, in order.
+    pub fn peek_from(&self, peer: &PeerKey, from: u64, n: usize) -> Result<Vec<QueueRecord>> {
+        let mut out = Vec::with_capacity(n.min(1024));
+        for kv in self
+            .kv
+            .range(queue_key(peer, from)..=queue_key(peer, u64::MAX))
+            .take(n)
+        {
+            let (k, v) = kv?;
+            let seq = decode_u64("queue key", &k[1 + 32..])?;
+            let rec = decode::<QueueRecord>("queue", &v).map_err(|e| StoreError::QueueRecord {
+                seq,
+                source: Box::new(e),
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
     }
 
     /// Up to `n` records from the head of `peer`'s queue, in order. A record that cannot be

@@ -1,0 +1,2306 @@
+//! The replicator at work: turns the drive's local changes into durable per-peer queue records,
+//! streams them to each peer (content as deltas against what that peer holds), and applies
+//! what peers stream here, atomically, into the backing folder.
+//!
+//! Threads: one sender per peer (blocking file I/O, bounded memory: one chunk at a time, at
+//! most [`Config::window`] bytes of content unacknowledged), one receiver per peer (applies
+//! that peer's stream in order). The network is behind [`Transport`]; acknowledgements and
+//! flow credit arrive through [`Replicator::on_message`] and are handled inline.
+//!
+//! Stream order is queue order: each peer applies records in the order they happened here.
+//! A receiver that refuses a record (its base differs, a rename's source is missing, a disk is
+//! full) ignores the rest of that *epoch*; the sender starts a new epoch at that record, with
+//! what the refusal asked for (another base, the content instead of the operation, or later).
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Condvar, Mutex};
+use peerfs_proto::msg::{AckOutcome, ByteBuf, Meta, NsOp, ReplMsg};
+use peerfs_proto::{PeerId, RelPath};
+
+use crate::beneath::{lstat_at, open_dir, open_parent, openat2_beneath};
+use crate::chunk::{ChunkRef, Hash, MAX_SIZE, hash_bytes};
+use crate::delta::{Delta, Op};
+use crate::manifest::{self, Manifest};
+use crate::meta::{apply_meta, open_for_meta, read_meta};
+use crate::store::{FileId, NewRecord, PeerKey, QueueRecord, RecordKind, ScanStamp, Store};
+
+/// Name prefix of the receiver's intermediate files (hidden by the drive, swept at mount).
+pub use crate::apply::TMP_PREFIX;
+
+/// Largest bytes payload of one `Data` message (the Bulk lane's frames are ≤ 64 KiB).
+const DATA_PART: usize = 60 * 1024;
+/// Records sent ahead of their acknowledgements.
+const MAX_INFLIGHT: usize = 256;
+/// The receiver reports progress every this many received bytes.
+const PROGRESS_EVERY: u64 = 1024 * 1024;
+
+/// Moves an object of the backing folder to the trash (`origin`: the peer whose change
+/// removed or replaced it). Installed by the daemon.
+pub type TrashFn = Arc<dyn Fn(BorrowedFd<'_>, &RelPath, &str) -> io::Result<()> + Send + Sync>;
+
+/// Tells the drive what a peer changed in the backing folder, so it drops cached names,
+/// attributes and pages. Must not block.
+pub trait Applied: Send + Sync {
+    /// `path` now names a new or changed object.
+    fn changed(&self, path: &RelPath);
+    /// `path` was removed (moved to the trash).
+    fn removed(&self, path: &RelPath);
+    /// `from` was renamed to `to`.
+    fn renamed(&self, from: &RelPath, to: &RelPath);
+}
+
+/// The network, as the replicator needs it.
+pub trait Transport: Send + Sync {
+    /// Queues `msg` for `peer` (Bulk lane when `bulk`, else Control); false if not connected.
+    fn send(&self, peer: PeerId, msg: ReplMsg, bulk: bool) -> bool;
+}
+
+/// Settings.
+#[derive(Clone)]
+pub struct Config {
+    pub backing: PathBuf,
+    pub me: PeerId,
+    /// Every configured peer and its name.
+    pub peers: Vec<(PeerId, String)>,
+    /// Apply owners (uid/gid) received from peers (needs root).
+    pub owners: bool,
+    /// Content bytes a sender may have in flight per transfer before the receiver's progress.
+    pub window: u64,
+    /// How long a removal of a name this server holds the lock on waits for a save to put a
+    /// new file there (Office renames the document away, then a temp onto it).
+    pub hold_removes: Duration,
+    /// Retries of failed transfers back off up to this.
+    pub max_backoff: Duration,
+}
+
+/// A change the drive made, as it reports it (after the change succeeded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalChange {
+    /// `path` has new content: written (`dirty`: the written ranges, `None` if unknown), or
+    /// a file renamed onto it from a name that does not replicate.
+    Content {
+        path: RelPath,
+        dirty: Option<Vec<Range<u64>>>,
+        fence: Option<u64>,
+    },
+    /// Attributes of `path` changed (mode, owner, times, xattrs).
+    Meta {
+        path: RelPath,
+    },
+    Mkdir {
+        path: RelPath,
+    },
+    Symlink {
+        path: RelPath,
+    },
+    Link {
+        existing: RelPath,
+        path: RelPath,
+    },
+    /// `path` was unlinked, removed or renamed to a name that does not replicate. `held`: this
+    /// server holds the name's lock (a save may put a new file there in a moment).
+    Remove {
+        path: RelPath,
+        held: bool,
+    },
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
+}
+
+/// Replication counters of one peer, for `status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PeerReplStatus {
+    pub name: String,
+    pub id: String,
+    pub queue: u64,
+    pub queue_bytes: u64,
+    pub content_bytes_sent: u64,
+    pub content_bytes_received: u64,
+    pub records_sent: u64,
+    pub records_applied: u64,
+    pub last_error: Option<String>,
+}
+
+/// Counters of what this server sent and applied.
+#[derive(Default)]
+struct Counters {
+    content_bytes_sent: AtomicU64,
+    content_bytes_received: AtomicU64,
+    records_sent: AtomicU64,
+    records_applied: AtomicU64,
+}
+
+/// What the sender does with a record when it resends it after a refusal.
+#[derive(Clone, Debug)]
+enum Override {
+    /// The receiver holds this content (or nothing): delta against it if known, else in full.
+    Base(Option<Hash>),
+    /// Send the content of this path instead of the operation.
+    AsContent(RelPath),
+}
+
+struct Inflight {
+    seq: u64,
+    done: bool,
+    /// For content: the file and the manifest the receiver will hold once it acks.
+    acked: Option<(FileId, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct PeerState {
+    connected: bool,
+    epoch: u64,
+    /// Next queue position to send.
+    cursor: u64,
+    inflight: VecDeque<Inflight>,
+    /// Highest seq acknowledged (every record up to it is applied or skipped).
+    acked_upto: Option<u64>,
+    progress: HashMap<u64, u64>,
+    overrides: HashMap<u64, Override>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    /// Bumped whenever the stream restarts: a transfer in progress stops.
+    generation: u64,
+}
+
+struct Peer {
+    id: PeerId,
+    key: PeerKey,
+    name: String,
+    state: Mutex<PeerState>,
+    wake: Condvar,
+    rx: Mutex<Option<mpsc::Sender<Incoming>>>,
+    counters: Counters,
+}
+
+enum Incoming {
+    Msg(ReplMsg),
+    Reset,
+}
+
+struct Waiter {
+    targets: Vec<(usize, u64)>,
+    done: Option<Box<dyn FnOnce() + Send>>,
+}
+
+struct Inner {
+    cfg: Config,
+    root: OwnedFd,
+    store: Arc<Store>,
+    transport: Arc<dyn Transport>,
+    peers: Vec<Arc<Peer>>,
+    applied: Mutex<Option<Arc<dyn Applied>>>,
+    trash: TrashFn,
+    /// Removals held back while a save may put a new file at the name.
+    held: Mutex<HashMap<RelPath, Instant>>,
+    waiters: Mutex<Vec<Waiter>>,
+    stop: AtomicBool,
+}
+
+/// The running replicator. Dropping it does not stop its threads: call [`Replicator::stop`].
+#[derive(Clone)]
+pub struct Replicator {
+    inner: Arc<Inner>,
+}
+
+fn key_of(id: &PeerId) -> PeerKey {
+    id.0
+}
+
+fn err_str(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn ioerr<E: std::fmt::Display>(e: E) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn path_of_bytes(b: &[u8]) -> Option<RelPath> {
+    RelPath::new(b).ok()
+}
+
+fn stamp_of(st: &libc::stat) -> ScanStamp {
+    ScanStamp {
+        size: st.st_size as u64,
+        mtime_sec: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec as u32,
+        inode: st.st_ino,
+    }
+}
+
+fn is_kind(st: &libc::stat, kind: libc::mode_t) -> bool {
+    st.st_mode & libc::S_IFMT == kind
+}
+
+impl Replicator {
+    /// Starts the senders and receivers. `trash` moves removed or replaced objects to the trash.
+    pub fn start(
+        cfg: Config,
+        store: Arc<Store>,
+        transport: Arc<dyn Transport>,
+        trash: TrashFn,
+    ) -> io::Result<Replicator> {
+        let backing = CString::new(cfg.backing.as_os_str().as_bytes()).map_err(ioerr)?;
+        // SAFETY: plain open of a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                backing.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor.
+        let root = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|(id, name)| {
+                Arc::new(Peer {
+                    id: *id,
+                    key: key_of(id),
+                    name: name.clone(),
+                    state: Mutex::new(PeerState::default()),
+                    wake: Condvar::new(),
+                    rx: Mutex::new(None),
+                    counters: Counters::default(),
+                })
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            cfg,
+            root,
+            store,
+            transport,
+            peers,
+            applied: Mutex::new(None),
+            trash,
+            held: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        sweep_tmp(&inner.cfg.backing);
+        for (i, p) in inner.peers.iter().enumerate() {
+            let me = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("repl-send-{}", p.name))
+                .spawn(move || me.sender(i))?;
+            let (tx, rx) = mpsc::channel();
+            *p.rx.lock() = Some(tx);
+            let me = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("repl-recv-{}", p.name))
+                .spawn(move || me.receiver(i, rx))?;
+        }
+        let me = inner.clone();
+        std::thread::Builder::new()
+            .name("repl-held".into())
+            .spawn(move || me.held_timer())?;
+        Ok(Replicator { inner })
+    }
+
+    /// Installs the drive's cache invalidation for remote changes.
+    pub fn set_applied(&self, applied: Arc<dyn Applied>) {
+        *self.inner.applied.lock() = Some(applied);
+    }
+
+    /// Stops the threads (queues stay in sled).
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        for p in &self.inner.peers {
+            p.wake.notify_all();
+            if let Some(tx) = p.rx.lock().take() {
+                drop(tx);
+            }
+        }
+    }
+
+    /// Records a local change for every peer (durably, before returning). Returns the queue
+    /// positions to wait for before the change counts as delivered to the connected peers.
+    pub fn local(&self, change: LocalChange) -> Vec<(PeerId, u64)> {
+        match self.inner.local(change) {
+            Ok(t) => t
+                .into_iter()
+                .map(|(i, s)| (self.inner.peers[i].id, s))
+                .collect(),
+            Err(e) => {
+                tracing::error!("replication: cannot record a local change: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Calls `done` once every connected target peer acknowledged its position (or
+    /// disconnected, or is failing and backing off).
+    pub fn when_delivered(&self, targets: Vec<(PeerId, u64)>, done: Box<dyn FnOnce() + Send>) {
+        let targets: Vec<(usize, u64)> = targets
+            .into_iter()
+            .filter_map(|(id, s)| {
+                self.inner
+                    .peers
+                    .iter()
+                    .position(|p| p.id == id)
+                    .map(|i| (i, s))
+            })
+            .collect();
+        let w = Waiter {
+            targets,
+            done: Some(done),
+        };
+        if self.inner.waiter_done(&w) {
+            if let Some(f) = w.done {
+                f();
+            }
+            return;
+        }
+        self.inner.waiters.lock().push(w);
+        // Re-check: an ack may have arrived between the check and the push.
+        self.inner.check_waiters();
+    }
+
+    pub fn peer_connected(&self, peer: PeerId) {
+        if let Some((i, p)) = self.inner.peer(peer) {
+            if let Some(tx) = p.rx.lock().as_ref() {
+                let _ = tx.send(Incoming::Reset);
+            }
+            let mut st = p.state.lock();
+            st.connected = true;
+            self.inner.restart(&mut st, 0);
+            st.retry_at = None;
+            st.backoff = Duration::ZERO;
+            drop(st);
+            p.wake.notify_all();
+            let _ = i;
+        }
+    }
+
+    pub fn peer_disconnected(&self, peer: PeerId) {
+        if let Some((_, p)) = self.inner.peer(peer) {
+            if let Some(tx) = p.rx.lock().as_ref() {
+                let _ = tx.send(Incoming::Reset);
+            }
+            let mut st = p.state.lock();
+            st.connected = false;
+            self.inner.restart(&mut st, 0);
+            drop(st);
+            p.wake.notify_all();
+            self.inner.check_waiters();
+        }
+    }
+
+    /// A replication message from `peer`.
+    pub fn on_message(&self, peer: PeerId, msg: ReplMsg) {
+        let Some((i, p)) = self.inner.peer(peer) else {
+            return;
+        };
+        match msg {
+            ReplMsg::Ack { seq, outcome } => self.inner.on_ack(i, seq, outcome),
+            ReplMsg::Progress { seq, bytes } => {
+                let mut st = p.state.lock();
+                st.progress.insert(seq, bytes);
+                drop(st);
+                p.wake.notify_all();
+            }
+            other => {
+                if let Some(tx) = p.rx.lock().as_ref() {
+                    let _ = tx.send(Incoming::Msg(other));
+                }
+            }
+        }
+    }
+
+    /// Per-peer counters.
+    pub fn status(&self) -> Vec<PeerReplStatus> {
+        self.inner
+            .peers
+            .iter()
+            .map(|p| {
+                let st = p.state.lock();
+                PeerReplStatus {
+                    name: p.name.clone(),
+                    id: p.id.to_string(),
+                    queue: self.inner.store.len(&p.key).unwrap_or(0),
+                    queue_bytes: self.inner.store.bytes_pending(&p.key).unwrap_or(0),
+                    content_bytes_sent: p.counters.content_bytes_sent.load(Ordering::Relaxed),
+                    content_bytes_received: p
+                        .counters
+                        .content_bytes_received
+                        .load(Ordering::Relaxed),
+                    records_sent: p.counters.records_sent.load(Ordering::Relaxed),
+                    records_applied: p.counters.records_applied.load(Ordering::Relaxed),
+                    last_error: st.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Removes intermediate files a crash left behind (top level and one folder down is where
+/// receivers create them; deeper ones are found when that folder is next written).
+fn sweep_tmp(backing: &Path) {
+    fn sweep_dir(dir: &Path, depth: u32) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name.as_bytes().starts_with(TMP_PREFIX.as_bytes()) {
+                if let Err(err) = std::fs::remove_file(e.path()) {
+                    tracing::warn!(path = %e.path().display(), "cannot remove a leftover intermediate file: {err}");
+                } else {
+                    tracing::info!(path = %e.path().display(), "removed a leftover intermediate file");
+                }
+            } else if depth > 0 && e.file_type().is_ok_and(|t| t.is_dir()) {
+                sweep_dir(&e.path(), depth - 1);
+            }
+        }
+    }
+    sweep_dir(backing, 8);
+}
+
+// ------------------------------------------------------------------------------------------
+// Local changes → queue records.
+
+impl Inner {
+    fn peer(&self, id: PeerId) -> Option<(usize, &Arc<Peer>)> {
+        self.peers.iter().enumerate().find(|(_, p)| p.id == id)
+    }
+
+    fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Appends a record to every peer's queue; returns (peer index, seq) of connected peers.
+    fn enqueue_all(&self, rec: NewRecord) -> io::Result<Vec<(usize, u64)>> {
+        let mut out = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let unsent_from = p.state.lock().cursor;
+            let seq = self
+                .store
+                .enqueue(&p.key, rec.clone(), unsent_from)
+                .map_err(ioerr)?;
+            let connected = {
+                let st = p.state.lock();
+                st.connected && st.retry_at.is_none()
+            };
+            if connected {
+                out.push((i, seq));
+            }
+            p.wake.notify_all();
+        }
+        Ok(out)
+    }
+
+    fn enqueue_op(&self, file: FileId, path: &RelPath, op: &NsOp) -> io::Result<Vec<(usize, u64)>> {
+        let bytes = postcard::to_stdvec(op).map_err(ioerr)?;
+        self.enqueue_all(NewRecord {
+            file,
+            kind: RecordKind::Op(bytes),
+            path: path.as_bytes().to_vec(),
+            fence: None,
+            bytes: 64,
+        })
+    }
+
+    /// Sends held-back removals of `path`, of paths below it and of its ancestors first, so
+    /// that what follows is ordered after them.
+    fn flush_held_related(&self, path: &RelPath) -> io::Result<()> {
+        let related: Vec<RelPath> = {
+            let mut held = self.held.lock();
+            let keys: Vec<RelPath> = held
+                .keys()
+                .filter(|k| k.starts_with(path) || path.starts_with(k))
+                .cloned()
+                .collect();
+            for k in &keys {
+                held.remove(k);
+            }
+            keys
+        };
+        for p in related {
+            self.enqueue_remove(&p)?;
+        }
+        Ok(())
+    }
+
+    fn enqueue_remove(&self, path: &RelPath) -> io::Result<Vec<(usize, u64)>> {
+        let id = self
+            .store
+            .remove_path(Path::new(OsStr::from_bytes(path.as_bytes())))
+            .map_err(ioerr)?
+            .unwrap_or(FileId(0));
+        // Forget what is below a removed folder too.
+        let below: Vec<PathBuf> = self
+            .store
+            .paths()
+            .filter_map(Result::ok)
+            .map(|(p, _)| p)
+            .filter(|p| {
+                RelPath::new(p.as_os_str().as_bytes())
+                    .is_ok_and(|r| r.starts_with(path) && &r != path)
+            })
+            .collect();
+        for p in below {
+            let _ = self.store.remove_path(&p);
+        }
+        self.enqueue_op(id, path, &NsOp::Remove { path: path.clone() })
+    }
+
+    fn local(&self, change: LocalChange) -> io::Result<Vec<(usize, u64)>> {
+        let p = |r: &RelPath| PathBuf::from(OsStr::from_bytes(r.as_bytes()));
+        match change {
+            LocalChange::Content { path, dirty, fence } => {
+                // A held-back removal of this name merges with the new content: one update.
+                self.held.lock().remove(&path);
+                self.flush_held_related(&path)?;
+                self.local_content(&path, dirty, fence)
+            }
+            LocalChange::Meta { path } => {
+                self.flush_held_related(&path)?;
+                let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
+                self.enqueue_all(NewRecord {
+                    file: id,
+                    kind: RecordKind::Meta,
+                    path: path.as_bytes().to_vec(),
+                    fence: None,
+                    bytes: 128,
+                })
+            }
+            LocalChange::Mkdir { path } => {
+                self.flush_held_related(&path)?;
+                let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
+                let meta = self.meta_of(&path).map(|(_, m)| m).unwrap_or_default();
+                self.enqueue_op(
+                    id,
+                    &path,
+                    &NsOp::Mkdir {
+                        path: path.clone(),
+                        meta,
+                    },
+                )
+            }
+            LocalChange::Symlink { path } => {
+                self.flush_held_related(&path)?;
+                let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
+                let (dir, name) = open_parent(self.root(), &path, false)?;
+                let target = readlinkat(dir.as_fd(), &name)?;
+                let meta = self.meta_of(&path).map(|(_, m)| m).unwrap_or_default();
+                self.enqueue_op(
+                    id,
+                    &path,
+                    &NsOp::Symlink {
+                        path: path.clone(),
+                        target: ByteBuf(target),
+                        meta,
+                    },
+                )
+            }
+            LocalChange::Link { existing, path } => {
+                self.flush_held_related(&path)?;
+                let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
+                self.enqueue_op(
+                    id,
+                    &path,
+                    &NsOp::Link {
+                        existing,
+                        path: path.clone(),
+                    },
+                )
+            }
+            LocalChange::Remove { path, held } => {
+                if held {
+                    self.held
+                        .lock()
+                        .insert(path, Instant::now() + self.cfg.hold_removes);
+                    return Ok(Vec::new());
+                }
+                self.flush_held_related(&path)?;
+                self.enqueue_remove(&path)
+            }
+            LocalChange::Rename { from, to } => {
+                self.held.lock().remove(&to);
+                self.flush_held_related(&from)?;
+                self.flush_held_related(&to)?;
+                let id = self.store.rename_path(&p(&from), &p(&to)).map_err(ioerr)?;
+                let _ = id;
+                let file = self.store.ensure_file_id(&p(&to)).map_err(ioerr)?;
+                self.enqueue_op(
+                    file,
+                    &to,
+                    &NsOp::Rename {
+                        from,
+                        to: to.clone(),
+                    },
+                )
+            }
+        }
+    }
+
+    /// Stat and attributes of the object at `path`.
+    fn meta_of(&self, path: &RelPath) -> io::Result<(libc::stat, Meta)> {
+        let (dir, name) = open_parent(self.root(), path, false)?;
+        let st = lstat_at(dir.as_fd(), &name)?;
+        let fd = open_for_meta(dir.as_fd(), &name, &st)?;
+        Ok((st, read_meta(&st, fd.as_ref().map(|f| f.as_fd()))))
+    }
+
+    fn local_content(
+        &self,
+        path: &RelPath,
+        dirty: Option<Vec<Range<u64>>>,
+        fence: Option<u64>,
+    ) -> io::Result<Vec<(usize, u64)>> {
+        let pb = PathBuf::from(OsStr::from_bytes(path.as_bytes()));
+        let (dir, name) = open_parent(self.root(), path, false)?;
+        let st = lstat_at(dir.as_fd(), &name)?;
+        if is_kind(&st, libc::S_IFDIR) {
+            // A folder renamed in from a name that does not replicate: send it whole.
+            return self.local_tree(path);
+        }
+        let id = self.store.ensure_file_id(&pb).map_err(ioerr)?;
+        let bytes;
+        if is_kind(&st, libc::S_IFREG) {
+            let file = File::from(openat2_beneath(
+                dir.as_fd(),
+                &name,
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                0,
+            )?);
+            let manifest = self.chunk_local(id, &file, &st, dirty.as_deref())?;
+            bytes = manifest.size();
+        } else if is_kind(&st, libc::S_IFLNK) {
+            // Symlinks travel as operations.
+            let target = readlinkat(dir.as_fd(), &name)?;
+            let meta = read_meta(&st, None);
+            return self.enqueue_op(
+                id,
+                path,
+                &NsOp::Symlink {
+                    path: path.clone(),
+                    target: ByteBuf(target),
+                    meta,
+                },
+            );
+        } else {
+            // Devices, FIFOs and sockets stay local.
+            return Ok(Vec::new());
+        }
+        self.enqueue_all(NewRecord {
+            file: id,
+            kind: RecordKind::Content,
+            path: path.as_bytes().to_vec(),
+            fence,
+            bytes,
+        })
+    }
+
+    /// Enqueues a folder and everything below it (a folder renamed in from an excluded name).
+    fn local_tree(&self, path: &RelPath) -> io::Result<Vec<(usize, u64)>> {
+        let mut out = self.local(LocalChange::Mkdir { path: path.clone() })?;
+        let dir = open_dir(self.root(), path, false)?;
+        let rd = openat2_beneath(dir.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let names = read_dir_names(rd)?;
+        for n in names {
+            let Ok(child) = path.join(&n) else { continue };
+            if n.as_bytes().starts_with(TMP_PREFIX.as_bytes()) {
+                continue;
+            }
+            let t = self.local(LocalChange::Content {
+                path: child,
+                dirty: None,
+                fence: None,
+            })?;
+            out.extend(t);
+        }
+        Ok(out)
+    }
+
+    /// The manifest of the file's current content: re-chunked around `dirty` from the stored
+    /// manifest when the drive tracked the writes, in full otherwise; stored with its stamp.
+    fn chunk_local(
+        &self,
+        id: FileId,
+        file: &File,
+        st: &libc::stat,
+        dirty: Option<&[Range<u64>]>,
+    ) -> io::Result<Manifest> {
+        let old = self
+            .store
+            .manifest(id)
+            .ok()
+            .flatten()
+            .and_then(|b| Manifest::decode(&b).ok());
+        let manifest = match (old, dirty) {
+            (Some(old), Some(dirty)) => manifest::rechunk(&old, file, dirty)?,
+            _ => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, file))?,
+        };
+        self.record_content(id, &manifest, stamp_of(st))?;
+        Ok(manifest)
+    }
+
+    fn record_content(&self, id: FileId, m: &Manifest, stamp: ScanStamp) -> io::Result<()> {
+        let version = crate::store::ContentVersion {
+            vv: Default::default(),
+            hash: *m.content_hash(),
+            size: m.size(),
+        };
+        self.store
+            .set_content(id, &version, &m.encode())
+            .map_err(ioerr)?;
+        self.store.set_stamp(id, stamp).map_err(ioerr)
+    }
+
+    /// The stored manifest of `id` if it still describes the file (same stamp), else a fresh
+    /// full chunking (stored).
+    fn current_manifest(&self, id: FileId, file: &File, st: &libc::stat) -> io::Result<Manifest> {
+        let state = self.store.file_state(id).ok().flatten();
+        if let Some(state) = state {
+            if state.stamp == Some(stamp_of(st)) {
+                if let Some(m) = self
+                    .store
+                    .manifest(id)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| Manifest::decode(&b).ok())
+                {
+                    return Ok(m);
+                }
+            }
+        }
+        self.chunk_local(id, file, st, None)
+    }
+
+    fn held_timer(self: Arc<Self>) {
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = Instant::now();
+            let due: Vec<RelPath> = {
+                let mut held = self.held.lock();
+                let due: Vec<RelPath> = held
+                    .iter()
+                    .filter(|(_, t)| **t <= now)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in &due {
+                    held.remove(p);
+                }
+                due
+            };
+            for p in due {
+                if let Err(e) = self.enqueue_remove(&p) {
+                    tracing::error!(path = %p, "replication: cannot record a removal: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: valid buffer and name.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn read_dir_names(fd: OwnedFd) -> io::Result<Vec<OsString>> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(path)? {
+        out.push(e?.file_name());
+    }
+    Ok(out)
+}
+
+// ------------------------------------------------------------------------------------------
+// Sending.
+
+/// Why a transfer stopped early.
+enum Stop {
+    /// The stream restarted (disconnect, refusal): the record is resent later.
+    Restarted,
+    /// The file changed or vanished under us: retry after a short backoff.
+    Io(io::Error),
+}
+
+impl Inner {
+    fn restart(&self, st: &mut PeerState, at: u64) {
+        st.epoch += 1;
+        st.generation += 1;
+        st.cursor = at;
+        st.inflight.clear();
+        st.progress.clear();
+    }
+
+    fn sender(self: Arc<Self>, i: usize) {
+        let p = self.peers[i].clone();
+        loop {
+            // Wait for something to send.
+            let (epoch, generation, cursor) = {
+                let mut st = p.state.lock();
+                loop {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(t) = st.retry_at {
+                        if Instant::now() >= t {
+                            st.retry_at = None;
+                        }
+                    }
+                    if st.connected && st.retry_at.is_none() && st.inflight.len() < MAX_INFLIGHT {
+                        break;
+                    }
+                    let wait = st
+                        .retry_at
+                        .map(|t| t.saturating_duration_since(Instant::now()))
+                        .unwrap_or(Duration::from_secs(1))
+                        .max(Duration::from_millis(5));
+                    p.wake.wait_for(&mut st, wait);
+                }
+                (st.epoch, st.generation, st.cursor)
+            };
+            let recs = match self.store.peek_from(&p.key, cursor, 1) {
+                Ok(r) => r,
+                Err(crate::store::StoreError::QueueRecord { seq, source }) => {
+                    tracing::error!(peer = %p.name, seq, "replication: skipping an unreadable queue record: {source}");
+                    let _ = self.store.ack(&p.key, seq);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(peer = %p.name, "replication: queue unreadable: {e}");
+                    self.backoff(&p, format!("queue unreadable: {e}"));
+                    continue;
+                }
+            };
+            let Some(rec) = recs.into_iter().next() else {
+                // Nothing queued: sleep until woken.
+                let mut st = p.state.lock();
+                if st.generation == generation && st.cursor == cursor {
+                    p.wake.wait_for(&mut st, Duration::from_secs(1));
+                }
+                continue;
+            };
+            let ov = p.state.lock().overrides.remove(&rec.seq);
+            let result = self.send_record(&p, epoch, generation, &rec, ov);
+            let mut st = p.state.lock();
+            if st.generation != generation {
+                continue;
+            }
+            match result {
+                Ok(acked) => {
+                    st.cursor = rec.seq + 1;
+                    st.inflight.push_back(Inflight {
+                        seq: rec.seq,
+                        done: false,
+                        acked,
+                    });
+                    p.counters.records_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Stop::Restarted) => {}
+                Err(Stop::Io(e)) => {
+                    drop(st);
+                    tracing::warn!(peer = %p.name, seq = rec.seq, "replication: cannot send: {e}; retrying");
+                    self.backoff(
+                        &p,
+                        format!("sending {}: {e}", String::from_utf8_lossy(&rec.path)),
+                    );
+                }
+            }
+        }
+    }
+
+    fn backoff(&self, p: &Peer, error: String) {
+        let mut st = p.state.lock();
+        st.backoff = (st.backoff * 2)
+            .max(Duration::from_millis(200))
+            .min(self.cfg.max_backoff);
+        st.retry_at = Some(Instant::now() + st.backoff);
+        st.last_error = Some(error);
+        let at = st.inflight.front().map_or(st.cursor, |f| f.seq);
+        self.restart(&mut st, at);
+        drop(st);
+        self.check_waiters();
+    }
+
+    fn send(&self, p: &Peer, msg: ReplMsg, bulk: bool) -> Result<(), Stop> {
+        if self.transport.send(p.id, msg, bulk) {
+            Ok(())
+        } else {
+            Err(Stop::Restarted)
+        }
+    }
+
+    /// Sends one record. `Ok(Some(Some(..)))`: a content transfer whose manifest the peer holds
+    /// once it acks; `Ok(Some(None))`/`Ok(None)`: an operation (acked like any record).
+    fn send_record(
+        &self,
+        p: &Peer,
+        epoch: u64,
+        generation: u64,
+        rec: &QueueRecord,
+        ov: Option<Override>,
+    ) -> Result<Option<(FileId, Vec<u8>)>, Stop> {
+        let seq = rec.seq;
+        let Some(path) = path_of_bytes(&rec.path) else {
+            // Unrepresentable path: nothing a peer could apply. Send a no-op so acks stay in order.
+            tracing::error!(peer = %p.name, seq, "replication: skipping a record with an invalid path");
+            self.send(
+                p,
+                ReplMsg::Op {
+                    epoch,
+                    seq,
+                    op: NsOp::Remove {
+                        path: RelPath::root(),
+                    },
+                },
+                true,
+            )?;
+            return Ok(None);
+        };
+        let (kind, base_override) = match ov {
+            Some(Override::AsContent(path)) => {
+                let id = self
+                    .store
+                    .file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
+                    .ok()
+                    .flatten()
+                    .unwrap_or(FileId(0));
+                return self
+                    .send_content(p, epoch, generation, seq, id, &path, &path, None, rec.fence);
+            }
+            Some(Override::Base(h)) => (rec.kind.clone(), Some(h)),
+            None => (rec.kind.clone(), None),
+        };
+        match kind {
+            RecordKind::Op(bytes) => {
+                let op: NsOp = postcard::from_bytes(&bytes).map_err(|e| Stop::Io(ioerr(e)))?;
+                self.send(p, ReplMsg::Op { epoch, seq, op }, true)?;
+                Ok(None)
+            }
+            RecordKind::Meta => {
+                let current = self.store.path_of(rec.file).ok().flatten();
+                let meta = current
+                    .as_deref()
+                    .and_then(|c| RelPath::new(c.as_os_str().as_bytes()).ok())
+                    .and_then(|c| self.meta_of(&c).ok());
+                match meta {
+                    Some((_, meta)) => self.send(
+                        p,
+                        ReplMsg::Op {
+                            epoch,
+                            seq,
+                            op: NsOp::SetMeta { path, meta },
+                        },
+                        true,
+                    )?,
+                    // Gone since: a later record removes or renames it.
+                    None => self.send(
+                        p,
+                        ReplMsg::Op {
+                            epoch,
+                            seq,
+                            op: NsOp::Remove {
+                                path: RelPath::root(),
+                            },
+                        },
+                        true,
+                    )?,
+                }
+                Ok(None)
+            }
+            RecordKind::Content => {
+                let current = self.store.path_of(rec.file).ok().flatten();
+                let Some(current) =
+                    current.and_then(|c| RelPath::new(c.as_os_str().as_bytes()).ok())
+                else {
+                    // Removed since: a later record removes it on the peer too.
+                    self.send(
+                        p,
+                        ReplMsg::Op {
+                            epoch,
+                            seq,
+                            op: NsOp::Remove {
+                                path: RelPath::root(),
+                            },
+                        },
+                        true,
+                    )?;
+                    return Ok(None);
+                };
+                self.send_content(
+                    p,
+                    epoch,
+                    generation,
+                    seq,
+                    rec.file,
+                    &path,
+                    &current,
+                    base_override,
+                    rec.fence,
+                )
+            }
+        }
+    }
+
+    /// Streams the content of the file now at `current` to the peer's `path`.
+    #[allow(clippy::too_many_arguments)]
+    fn send_content(
+        &self,
+        p: &Peer,
+        epoch: u64,
+        generation: u64,
+        seq: u64,
+        id: FileId,
+        path: &RelPath,
+        current: &RelPath,
+        base_override: Option<Option<Hash>>,
+        fence: Option<u64>,
+    ) -> Result<Option<(FileId, Vec<u8>)>, Stop> {
+        let opened = open_parent(self.root(), current, false).and_then(|(dir, name)| {
+            let st = lstat_at(dir.as_fd(), &name)?;
+            Ok((dir, name, st))
+        });
+        let (dir, name, st) = match opened {
+            Ok(x) => x,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                self.send(
+                    p,
+                    ReplMsg::Op {
+                        epoch,
+                        seq,
+                        op: NsOp::Remove {
+                            path: RelPath::root(),
+                        },
+                    },
+                    true,
+                )?;
+                return Ok(None);
+            }
+            Err(e) => return Err(Stop::Io(e)),
+        };
+        if is_kind(&st, libc::S_IFDIR) {
+            let meta = self.meta_of(current).map(|(_, m)| m).unwrap_or_default();
+            self.send(
+                p,
+                ReplMsg::Op {
+                    epoch,
+                    seq,
+                    op: NsOp::Mkdir {
+                        path: path.clone(),
+                        meta,
+                    },
+                },
+                true,
+            )?;
+            return Ok(None);
+        }
+        if is_kind(&st, libc::S_IFLNK) {
+            let target = readlinkat(dir.as_fd(), &name).map_err(Stop::Io)?;
+            let meta = read_meta(&st, None);
+            self.send(
+                p,
+                ReplMsg::Op {
+                    epoch,
+                    seq,
+                    op: NsOp::Symlink {
+                        path: path.clone(),
+                        target: ByteBuf(target),
+                        meta,
+                    },
+                },
+                true,
+            )?;
+            return Ok(None);
+        }
+        if !is_kind(&st, libc::S_IFREG) {
+            self.send(
+                p,
+                ReplMsg::Op {
+                    epoch,
+                    seq,
+                    op: NsOp::Remove {
+                        path: RelPath::root(),
+                    },
+                },
+                true,
+            )?;
+            return Ok(None);
+        }
+        let file = File::from(
+            openat2_beneath(dir.as_fd(), &name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                .map_err(Stop::Io)?,
+        );
+        let id = if id.0 == 0 {
+            self.store
+                .ensure_file_id(Path::new(OsStr::from_bytes(current.as_bytes())))
+                .map_err(|e| Stop::Io(ioerr(e)))?
+        } else {
+            id
+        };
+        let new = self.current_manifest(id, &file, &st).map_err(Stop::Io)?;
+        let meta = read_meta(&st, Some(file.as_fd()));
+
+        // The version the peer holds: what it acked last, else the version before this one.
+        let decode = |b: Option<Vec<u8>>| b.and_then(|b| Manifest::decode(&b).ok());
+        let acked = decode(self.store.acked_manifest(&p.key, id).ok().flatten());
+        let prev = decode(self.store.prev_manifest(id).ok().flatten());
+        let base: Option<Manifest> = match base_override {
+            Some(None) => None,
+            Some(Some(h)) => [acked, prev, Some(new.clone())]
+                .into_iter()
+                .flatten()
+                .find(|m| *m.content_hash() == h),
+            None => acked.or(prev),
+        };
+        let delta = match &base {
+            Some(b) => Delta::compute(b, &new),
+            None => Delta::compute(&Manifest::empty(), &new),
+        };
+        self.send(
+            p,
+            ReplMsg::Begin {
+                epoch,
+                seq,
+                path: path.clone(),
+                base: base.as_ref().map(|b| *b.content_hash()),
+                size: new.size(),
+                content_hash: *new.content_hash(),
+                meta,
+                fence,
+            },
+            true,
+        )?;
+        let same = base
+            .as_ref()
+            .is_some_and(|b| b.content_hash() == new.content_hash());
+        if !same {
+            self.stream_ops(p, generation, seq, &file, &new, &delta)?;
+        }
+        self.send(p, ReplMsg::End { seq }, true)?;
+        Ok(Some((id, new.encode())))
+    }
+
+    fn stream_ops(
+        &self,
+        p: &Peer,
+        generation: u64,
+        seq: u64,
+        file: &File,
+        new: &Manifest,
+        delta: &Delta,
+    ) -> Result<(), Stop> {
+        let chunks = new.chunks();
+        let mut ci = 0usize;
+        let mut sent: u64 = 0;
+        let mut buf = vec![0u8; MAX_SIZE as usize];
+        for op in &delta.ops {
+            match op {
+                Op::Copy { from_offset, len } => {
+                    // Advance over the new chunks this copy covers.
+                    let mut covered = 0u64;
+                    while covered < *len && ci < chunks.len() {
+                        covered += u64::from(chunks[ci].len);
+                        ci += 1;
+                    }
+                    self.send(
+                        p,
+                        ReplMsg::Copy {
+                            seq,
+                            from_offset: *from_offset,
+                            len: *len,
+                        },
+                        true,
+                    )?;
+                }
+                Op::Data { hash, len } => {
+                    let Some(c) = chunks.get(ci) else {
+                        return Err(Stop::Io(ioerr("delta and manifest disagree")));
+                    };
+                    ci += 1;
+                    let n = *len as usize;
+                    let b = &mut buf[..n];
+                    file.read_exact_at(b, c.offset).map_err(Stop::Io)?;
+                    if hash_bytes(b) != *hash {
+                        return Err(Stop::Io(ioerr("the file changed while it was being sent")));
+                    }
+                    // Flow control: wait for the receiver to catch up.
+                    self.wait_window(p, generation, seq, sent)?;
+                    let mut at = 0;
+                    while at < n {
+                        let end = (at + DATA_PART).min(n);
+                        let last = end == n;
+                        self.send(
+                            p,
+                            ReplMsg::Data {
+                                seq,
+                                hash: last.then_some(*hash),
+                                bytes: ByteBuf(b[at..end].to_vec()),
+                            },
+                            true,
+                        )?;
+                        at = end;
+                    }
+                    sent += n as u64;
+                    p.counters
+                        .content_bytes_sent
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_window(&self, p: &Peer, generation: u64, seq: u64, sent: u64) -> Result<(), Stop> {
+        let mut st = p.state.lock();
+        loop {
+            if st.generation != generation || self.stop.load(Ordering::SeqCst) {
+                return Err(Stop::Restarted);
+            }
+            let done = st.progress.get(&seq).copied().unwrap_or(0);
+            if sent.saturating_sub(done) < self.cfg.window {
+                return Ok(());
+            }
+            p.wake.wait_for(&mut st, Duration::from_millis(200));
+        }
+    }
+
+    fn on_ack(&self, i: usize, seq: u64, outcome: AckOutcome) {
+        let p = &self.peers[i];
+        let mut st = p.state.lock();
+        let Some(pos) = st.inflight.iter().position(|f| f.seq == seq) else {
+            return;
+        };
+        match outcome {
+            AckOutcome::Applied => {
+                st.inflight[pos].done = true;
+                st.backoff = Duration::ZERO;
+                st.last_error = None;
+            }
+            AckOutcome::Failed {
+                error,
+                retry: false,
+            } => {
+                tracing::error!(peer = %p.name, seq, "replication: the peer refused a change for good: {error}");
+                st.last_error = Some(error);
+                st.inflight[pos].done = true;
+                st.inflight[pos].acked = None;
+            }
+            AckOutcome::Failed { error, retry: true } => {
+                tracing::warn!(peer = %p.name, seq, "replication: the peer could not apply a change: {error}; retrying");
+                st.backoff = (st.backoff * 2)
+                    .max(Duration::from_millis(200))
+                    .min(self.cfg.max_backoff);
+                st.retry_at = Some(Instant::now() + st.backoff);
+                st.last_error = Some(error);
+                self.restart(&mut st, seq);
+                drop(st);
+                p.wake.notify_all();
+                self.check_waiters();
+                return;
+            }
+            AckOutcome::BaseMismatch { have } => {
+                tracing::info!(peer = %p.name, seq, "replication: the peer holds another version; resending against it");
+                st.overrides.insert(seq, Override::Base(have));
+                self.restart(&mut st, seq);
+                drop(st);
+                p.wake.notify_all();
+                return;
+            }
+            AckOutcome::NeedContent { path } => {
+                st.overrides.insert(seq, Override::AsContent(path));
+                self.restart(&mut st, seq);
+                drop(st);
+                p.wake.notify_all();
+                return;
+            }
+        }
+        // Retire the acknowledged prefix.
+        let mut last = None;
+        let mut acked = Vec::new();
+        while st.inflight.front().is_some_and(|f| f.done) {
+            if let Some(f) = st.inflight.pop_front() {
+                last = Some(f.seq);
+                if let Some(a) = f.acked {
+                    acked.push(a);
+                }
+            }
+        }
+        if let Some(last) = last {
+            st.acked_upto = Some(last);
+        }
+        drop(st);
+        p.wake.notify_all();
+        for (id, m) in acked {
+            if let Err(e) = self.store.set_acked_manifest(&p.key, id, &m) {
+                tracing::warn!("replication: cannot record an acknowledgement: {e}");
+            }
+        }
+        if let Some(last) = last {
+            if let Err(e) = self.store.ack(&p.key, last) {
+                tracing::warn!("replication: cannot trim the queue: {e}");
+            }
+        }
+        self.check_waiters();
+    }
+
+    fn waiter_done(&self, w: &Waiter) -> bool {
+        w.targets.iter().all(|(i, seq)| {
+            let st = self.peers[*i].state.lock();
+            !st.connected || st.retry_at.is_some() || st.acked_upto.is_some_and(|a| a >= *seq)
+        })
+    }
+
+    fn check_waiters(&self) {
+        let ready: Vec<Box<dyn FnOnce() + Send>> = {
+            let mut ws = self.waiters.lock();
+            let mut ready = Vec::new();
+            ws.retain_mut(|w| {
+                if self.waiter_done(w) {
+                    if let Some(f) = w.done.take() {
+                        ready.push(f);
+                    }
+                    false
+                } else {
+                    true
+                }
+            });
+            ready
+        };
+        for f in ready {
+            f();
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Receiving.
+
+/// A content transfer being applied.
+struct Transfer {
+    seq: u64,
+    path: RelPath,
+    dir: OwnedFd,
+    name: CString,
+    /// Where the new version is built; `None` when the receiver already has it (metadata only).
+    tmp: Option<(File, CString)>,
+    base: Option<(File, Manifest)>,
+    cloned: bool,
+    at: u64,
+    chunks: Vec<ChunkRef>,
+    part: Vec<u8>,
+    size: u64,
+    content_hash: Hash,
+    meta: Meta,
+    received: u64,
+    reported: u64,
+    conflict: bool,
+    failed: Option<AckOutcome>,
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        if let Some((_, name)) = self.tmp.take() {
+            // SAFETY: unlinkat on our own directory descriptor.
+            unsafe { libc::unlinkat(self.dir.as_raw_fd(), name.as_ptr(), 0) };
+        }
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Inner {
+    fn receiver(self: Arc<Self>, i: usize, rx: mpsc::Receiver<Incoming>) {
+        let p = self.peers[i].clone();
+        let mut epoch = 0u64;
+        let mut halted = false;
+        let mut cur: Option<Transfer> = None;
+        while let Ok(m) = rx.recv() {
+            let msg = match m {
+                Incoming::Reset => {
+                    epoch = 0;
+                    halted = false;
+                    cur = None;
+                    continue;
+                }
+                Incoming::Msg(m) => m,
+            };
+            // Epoch rules: a newer epoch restarts the stream; an older one is stale.
+            let msg_epoch = match &msg {
+                ReplMsg::Op { epoch, .. } | ReplMsg::Begin { epoch, .. } => Some(*epoch),
+                _ => None,
+            };
+            if let Some(e) = msg_epoch {
+                if e < epoch {
+                    continue;
+                }
+                if e > epoch {
+                    epoch = e;
+                    halted = false;
+                    cur = None;
+                }
+                if halted {
+                    continue;
+                }
+            }
+            let ack = |seq: u64, outcome: AckOutcome| {
+                let ok = outcome == AckOutcome::Applied;
+                if ok {
+                    p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
+                }
+                if !self
+                    .transport
+                    .send(p.id, ReplMsg::Ack { seq, outcome }, false)
+                {
+                    tracing::debug!(peer = %p.name, seq, "ack not sent: disconnected");
+                }
+                ok
+            };
+            match msg {
+                ReplMsg::Op { seq, op, .. } => {
+                    let outcome = self.apply_op(&p, op);
+                    if !ack(seq, outcome) {
+                        halted = true;
+                    }
+                }
+                ReplMsg::Begin {
+                    seq,
+                    path,
+                    base,
+                    size,
+                    content_hash,
+                    meta,
+                    ..
+                } => match self.begin(&p, seq, path, base, size, content_hash, meta) {
+                    Ok(t) => cur = Some(t),
+                    Err(outcome) => {
+                        ack(seq, outcome);
+                        halted = true;
+                        cur = None;
+                    }
+                },
+                ReplMsg::Copy {
+                    seq,
+                    from_offset,
+                    len,
+                } => {
+                    if let Some(t) = cur.as_mut().filter(|t| t.seq == seq) {
+                        if t.failed.is_none() {
+                            if let Err(e) = t.copy(from_offset, len) {
+                                t.failed = Some(failed(&e));
+                            }
+                        }
+                    }
+                }
+                ReplMsg::Data { seq, hash, bytes } => {
+                    if let Some(t) = cur.as_mut().filter(|t| t.seq == seq) {
+                        let n = bytes.0.len() as u64;
+                        if t.failed.is_none() {
+                            if let Err(e) = t.data(hash, &bytes.0) {
+                                t.failed = Some(failed(&e));
+                            }
+                        }
+                        t.received += n;
+                        p.counters
+                            .content_bytes_received
+                            .fetch_add(n, Ordering::Relaxed);
+                        if t.received - t.reported >= PROGRESS_EVERY {
+                            t.reported = t.received;
+                            self.transport.send(
+                                p.id,
+                                ReplMsg::Progress {
+                                    seq,
+                                    bytes: t.received,
+                                },
+                                false,
+                            );
+                        }
+                    }
+                }
+                ReplMsg::End { seq } => {
+                    if let Some(t) = cur.take().filter(|t| t.seq == seq) {
+                        let outcome = self.finish(&p, t);
+                        if !ack(seq, outcome) {
+                            halted = true;
+                        }
+                    }
+                }
+                ReplMsg::Ack { .. } | ReplMsg::Progress { .. } => {}
+            }
+        }
+    }
+
+    fn applied(&self) -> Option<Arc<dyn Applied>> {
+        self.applied.lock().clone()
+    }
+
+    /// What the receiver holds at `path`: (stat, content hash) of a regular file.
+    fn have(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        path: &RelPath,
+    ) -> io::Result<Option<(File, Manifest)>> {
+        let st = match lstat_at(dir, name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !is_kind(&st, libc::S_IFREG) {
+            return Ok(None);
+        }
+        let file = File::from(openat2_beneath(
+            dir,
+            name,
+            libc::O_RDONLY | libc::O_NOFOLLOW,
+            0,
+        )?);
+        let id = self
+            .store
+            .ensure_file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
+            .map_err(ioerr)?;
+        let m = self.current_manifest(id, &file, &st)?;
+        Ok(Some((file, m)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        &self,
+        p: &Peer,
+        seq: u64,
+        path: RelPath,
+        base: Option<Hash>,
+        size: u64,
+        content_hash: Hash,
+        meta: Meta,
+    ) -> Result<Transfer, AckOutcome> {
+        if path.is_root() {
+            return Err(AckOutcome::Failed {
+                error: "content for the root".into(),
+                retry: false,
+            });
+        }
+        let (dir, name) = open_parent(self.root(), &path, true).map_err(|e| failed(&e))?;
+        let have = self
+            .have(dir.as_fd(), &name, &path)
+            .map_err(|e| failed(&e))?;
+        let have_hash = have.as_ref().map(|(_, m)| *m.content_hash());
+        let mut conflict = false;
+        if have_hash == Some(content_hash) {
+            // Already there (a replay, or the same content arrived another way): attributes only.
+            return Ok(Transfer {
+                seq,
+                path,
+                dir,
+                name,
+                tmp: None,
+                base: have,
+                cloned: false,
+                at: 0,
+                chunks: Vec::new(),
+                part: Vec::new(),
+                size,
+                content_hash,
+                meta,
+                received: 0,
+                reported: 0,
+                conflict: false,
+                failed: None,
+            });
+        }
+        match (base, have_hash) {
+            (Some(b), Some(h)) if b == h => {}
+            (Some(_), other) => {
+                return Err(AckOutcome::BaseMismatch { have: other });
+            }
+            (None, None) => {}
+            (None, Some(_)) => {
+                // A new file of the sender's where this server has another one: keep both.
+                conflict = true;
+            }
+        }
+        let tmp_name = CString::new(format!(
+            "{TMP_PREFIX}{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ))
+        .map_err(|e| failed(&ioerr(e)))?;
+        let tmp = openat2_beneath(
+            dir.as_fd(),
+            &tmp_name,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .map_err(|e| failed(&e))?;
+        let tmp = File::from(tmp);
+        let base = if conflict { None } else { have };
+        // Where the filesystem can share extents (XFS, btrfs), start from a clone of the base:
+        // unchanged chunks then cost nothing.
+        let cloned = base.as_ref().is_some_and(|(bf, _)| {
+            // SAFETY: FICLONE between two descriptors we own.
+            unsafe { libc::ioctl(tmp.as_raw_fd(), libc::FICLONE, bf.as_raw_fd()) == 0 }
+        });
+        let _ = p;
+        Ok(Transfer {
+            seq,
+            path,
+            dir,
+            name,
+            tmp: Some((tmp, tmp_name)),
+            base,
+            cloned,
+            at: 0,
+            chunks: Vec::new(),
+            part: Vec::new(),
+            size,
+            content_hash,
+            meta,
+            received: 0,
+            reported: 0,
+            conflict,
+            failed: None,
+        })
+    }
+
+    fn finish(&self, p: &Peer, mut t: Transfer) -> AckOutcome {
+        if let Some(f) = t.failed.take() {
+            return f;
+        }
+        let r = (|| -> io::Result<AckOutcome> {
+            let Some((tmp, tmp_name)) = t.tmp.take() else {
+                // Metadata only: the content is already here.
+                if let Some((file, m)) = &t.base {
+                    apply_meta(file.as_fd(), &t.meta, self.cfg.owners, false)?;
+                    self.note_received(p, &t.path, m, file)?;
+                }
+                if let Some(a) = self.applied() {
+                    a.changed(&t.path);
+                }
+                return Ok(AckOutcome::Applied);
+            };
+            let guard = TmpName {
+                dir: t.dir.as_raw_fd(),
+                name: Some(tmp_name.clone()),
+            };
+            if t.at != t.size || !t.part.is_empty() {
+                return Ok(AckOutcome::Failed {
+                    error: format!("incomplete transfer: {} of {} bytes", t.at, t.size),
+                    retry: true,
+                });
+            }
+            tmp.set_len(t.size)?;
+            let m = Manifest::from_chunks(std::mem::take(&mut t.chunks));
+            if *m.content_hash() != t.content_hash || m.size() != t.size {
+                return Ok(AckOutcome::Failed {
+                    error: "the rebuilt file does not match the sender's content hash".into(),
+                    retry: true,
+                });
+            }
+            apply_meta(tmp.as_fd(), &t.meta, self.cfg.owners, false)?;
+            tmp.sync_all()?;
+            let target_name = if t.conflict {
+                conflict_name(&t.name, &p.name)
+            } else {
+                t.name.clone()
+            };
+            let target_path = match t.path.split_last() {
+                Some((parent, _)) => parent
+                    .join(OsStr::from_bytes(target_name.to_bytes()))
+                    .map_err(ioerr)?,
+                None => t.path.clone(),
+            };
+            // Hard-linked files are updated in place, so every name sees the new version.
+            let in_place = lstat_at(t.dir.as_fd(), &target_name)
+                .is_ok_and(|st| is_kind(&st, libc::S_IFREG) && st.st_nlink > 1);
+            if in_place {
+                let target = File::from(openat2_beneath(
+                    t.dir.as_fd(),
+                    &target_name,
+                    libc::O_WRONLY | libc::O_NOFOLLOW,
+                    0,
+                )?);
+                copy_all(&tmp, &target, t.size)?;
+                target.set_len(t.size)?;
+                apply_meta(target.as_fd(), &t.meta, self.cfg.owners, false)?;
+                target.sync_all()?;
+                drop(guard);
+            } else {
+                renameat(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &target_name)?;
+                std::mem::forget(guard);
+                fsync_dir(t.dir.as_fd());
+            }
+            if t.conflict {
+                tracing::warn!(path = %t.path, peer = %p.name, copy = %target_path, "replication: this server has another version; the peer's is kept as a conflict copy");
+            }
+            let file = File::from(openat2_beneath(
+                t.dir.as_fd(),
+                &target_name,
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                0,
+            )?);
+            self.note_received(p, &target_path, &m, &file)?;
+            if let Some(a) = self.applied() {
+                a.changed(&target_path);
+            }
+            Ok(AckOutcome::Applied)
+        })();
+        match r {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(path = %t.path, peer = %p.name, "replication: cannot apply an update: {e}");
+                failed(&e)
+            }
+        }
+    }
+
+    /// Records that this server holds manifest `m` at `path`, received from `p` (which holds it
+    /// too: its next delta may be computed against it).
+    fn note_received(&self, p: &Peer, path: &RelPath, m: &Manifest, file: &File) -> io::Result<()> {
+        let id = self
+            .store
+            .ensure_file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
+            .map_err(ioerr)?;
+        // SAFETY: zeroed stat buffer for fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and buffer.
+        if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.record_content(id, m, stamp_of(&st))?;
+        self.store
+            .set_acked_manifest(&p.key, id, &m.encode())
+            .map_err(ioerr)
+    }
+
+    fn apply_op(&self, p: &Peer, op: NsOp) -> AckOutcome {
+        let r = self.apply_op_io(p, &op);
+        match r {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(peer = %p.name, ?op, "replication: cannot apply: {e}");
+                failed(&e)
+            }
+        }
+    }
+
+    fn trash(&self, p: &Peer, path: &RelPath) -> io::Result<()> {
+        (self.trash)(self.root(), path, &p.name)
+    }
+
+    fn apply_op_io(&self, p: &Peer, op: &NsOp) -> io::Result<AckOutcome> {
+        let pb = |r: &RelPath| PathBuf::from(OsStr::from_bytes(r.as_bytes()));
+        let applied = self.applied();
+        match op {
+            NsOp::Remove { path } => {
+                if path.is_root() {
+                    // A no-op (a record the sender had nothing left to send for).
+                    return Ok(AckOutcome::Applied);
+                }
+                let (dir, name) = match open_parent(self.root(), path, false) {
+                    Ok(x) => x,
+                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
+                    Err(e) => return Err(e),
+                };
+                let st = match lstat_at(dir.as_fd(), &name) {
+                    Ok(st) => st,
+                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
+                    Err(e) => return Err(e),
+                };
+                // An empty folder holds nothing to lose.
+                let removed_empty = is_kind(&st, libc::S_IFDIR)
+                    // SAFETY: unlinkat on our descriptor.
+                    && unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) } == 0;
+                if !removed_empty {
+                    self.trash(p, path)?;
+                }
+                let _ = self.store.remove_path(&pb(path));
+                if let Some(a) = applied {
+                    a.removed(path);
+                }
+                Ok(AckOutcome::Applied)
+            }
+            NsOp::Mkdir { path, meta } => {
+                let (dir, name) = open_parent(self.root(), path, true)?;
+                match lstat_at(dir.as_fd(), &name) {
+                    Ok(st) if is_kind(&st, libc::S_IFDIR) => {}
+                    Ok(_) => {
+                        self.trash(p, path)?;
+                        mkdirat(dir.as_fd(), &name, meta.mode)?;
+                    }
+                    Err(_) => mkdirat(dir.as_fd(), &name, meta.mode)?,
+                }
+                let fd = openat2_beneath(
+                    dir.as_fd(),
+                    &name,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?;
+                apply_meta(fd.as_fd(), meta, self.cfg.owners, false)?;
+                let _ = self.store.ensure_file_id(&pb(path));
+                if let Some(a) = applied {
+                    a.changed(path);
+                }
+                Ok(AckOutcome::Applied)
+            }
+            NsOp::Symlink { path, target, meta } => {
+                let (dir, name) = open_parent(self.root(), path, true)?;
+                let ctarget = CString::new(target.0.clone()).map_err(ioerr)?;
+                match lstat_at(dir.as_fd(), &name) {
+                    Ok(st)
+                        if is_kind(&st, libc::S_IFLNK)
+                            && readlinkat(dir.as_fd(), &name).ok().as_deref()
+                                == Some(&target.0[..]) => {}
+                    Ok(_) => {
+                        self.trash(p, path)?;
+                        symlinkat(&ctarget, dir.as_fd(), &name)?;
+                    }
+                    Err(_) => symlinkat(&ctarget, dir.as_fd(), &name)?,
+                }
+                if let Ok(fd) =
+                    openat2_beneath(dir.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                {
+                    let _ = apply_meta(fd.as_fd(), meta, self.cfg.owners, true);
+                }
+                let _ = self.store.ensure_file_id(&pb(path));
+                if let Some(a) = applied {
+                    a.changed(path);
+                }
+                Ok(AckOutcome::Applied)
+            }
+            NsOp::Link { existing, path } => {
+                let (sdir, sname) = match open_parent(self.root(), existing, false) {
+                    Ok(x) => x,
+                    Err(e) if is_gone(&e) => {
+                        return Ok(AckOutcome::NeedContent { path: path.clone() });
+                    }
+                    Err(e) => return Err(e),
+                };
+                let sst = match lstat_at(sdir.as_fd(), &sname) {
+                    Ok(st) => st,
+                    Err(e) if is_gone(&e) => {
+                        return Ok(AckOutcome::NeedContent { path: path.clone() });
+                    }
+                    Err(e) => return Err(e),
+                };
+                let (dir, name) = open_parent(self.root(), path, true)?;
+                match lstat_at(dir.as_fd(), &name) {
+                    Ok(st) if st.st_ino == sst.st_ino && st.st_dev == sst.st_dev => {
+                        return Ok(AckOutcome::Applied);
+                    }
+                    Ok(_) => self.trash(p, path)?,
+                    Err(_) => {}
+                }
+                // SAFETY: linkat between our descriptors, never following symlinks.
+                let r = unsafe {
+                    libc::linkat(
+                        sdir.as_raw_fd(),
+                        sname.as_ptr(),
+                        dir.as_raw_fd(),
+                        name.as_ptr(),
+                        0,
+                    )
+                };
+                if r != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let _ = self.store.ensure_file_id(&pb(path));
+                if let Some(a) = applied {
+                    a.changed(path);
+                    a.changed(existing);
+                }
+                Ok(AckOutcome::Applied)
+            }
+            NsOp::Rename { from, to } => {
+                let src = open_parent(self.root(), from, false)
+                    .and_then(|(d, n)| lstat_at(d.as_fd(), &n).map(|st| (d, n, st)));
+                let (sdir, sname, sst) = match src {
+                    Ok(x) => x,
+                    Err(e) if is_gone(&e) => {
+                        // Already renamed (a replay), or never received: the content of
+                        // `to` brings it up to date either way.
+                        return Ok(AckOutcome::NeedContent { path: to.clone() });
+                    }
+                    Err(e) => return Err(e),
+                };
+                let (ddir, dname) = open_parent(self.root(), to, true)?;
+                if let Ok(dst) = lstat_at(ddir.as_fd(), &dname) {
+                    if !(dst.st_ino == sst.st_ino && dst.st_dev == sst.st_dev) {
+                        // The replaced object is kept in the trash (nothing is destroyed).
+                        let empty_dir = is_kind(&dst, libc::S_IFDIR)
+                            // SAFETY: unlinkat on our descriptor.
+                            && unsafe { libc::unlinkat(ddir.as_raw_fd(), dname.as_ptr(), libc::AT_REMOVEDIR) } == 0;
+                        if !empty_dir {
+                            self.trash(p, to)?;
+                        }
+                    }
+                }
+                renameat(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
+                fsync_dir(ddir.as_fd());
+                let _ = self.store.rename_path(&pb(from), &pb(to));
+                if let Some(a) = applied {
+                    a.renamed(from, to);
+                }
+                Ok(AckOutcome::Applied)
+            }
+            NsOp::SetMeta { path, meta } => {
+                let (dir, name) = match open_parent(self.root(), path, false) {
+                    Ok(x) => x,
+                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
+                    Err(e) => return Err(e),
+                };
+                let st = match lstat_at(dir.as_fd(), &name) {
+                    Ok(st) => st,
+                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
+                    Err(e) => return Err(e),
+                };
+                if is_kind(&st, libc::S_IFLNK) {
+                    let fd =
+                        openat2_beneath(dir.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                    apply_meta(fd.as_fd(), meta, self.cfg.owners, true)?;
+                } else if let Some(fd) = open_for_meta(dir.as_fd(), &name, &st)? {
+                    apply_meta(fd.as_fd(), meta, self.cfg.owners, false)?;
+                    if is_kind(&st, libc::S_IFREG) {
+                        // The stamp moved (mtime): keep the index in step.
+                        if let Ok(Some(id)) = self.store.file_id(&pb(path)) {
+                            // SAFETY: zeroed stat buffer for fstat.
+                            let mut nst: libc::stat = unsafe { std::mem::zeroed() };
+                            // SAFETY: valid descriptor and buffer.
+                            if unsafe { libc::fstat(fd.as_raw_fd(), &mut nst) } == 0
+                                && self
+                                    .store
+                                    .file_state(id)
+                                    .ok()
+                                    .flatten()
+                                    .and_then(|s| s.stamp)
+                                    == Some(stamp_of(&st))
+                            {
+                                let _ = self.store.set_stamp(id, stamp_of(&nst));
+                            }
+                        }
+                    }
+                }
+                if let Some(a) = applied {
+                    a.changed(path);
+                }
+                Ok(AckOutcome::Applied)
+            }
+        }
+    }
+}
+
+impl Transfer {
+    fn tmp(&self) -> io::Result<&File> {
+        self.tmp
+            .as_ref()
+            .map(|(f, _)| f)
+            .ok_or_else(|| ioerr("no transfer in progress"))
+    }
+
+    fn copy(&mut self, from: u64, len: u64) -> io::Result<()> {
+        if self.tmp.is_none() {
+            return Ok(());
+        }
+        let Some((base, bm)) = &self.base else {
+            return Err(ioerr("a copy without a base version"));
+        };
+        // The copy must cover whole base chunks: their hashes make up the new manifest.
+        let chunks = bm.chunks();
+        let start = chunks.partition_point(|c| c.offset < from);
+        let mut at = from;
+        let mut i = start;
+        while at < from.saturating_add(len) {
+            let c = chunks
+                .get(i)
+                .filter(|c| c.offset == at)
+                .ok_or_else(|| ioerr("a copy does not cover whole base chunks"))?;
+            self.chunks.push(ChunkRef {
+                offset: self.at + (at - from),
+                len: c.len,
+                hash: c.hash,
+            });
+            at += u64::from(c.len);
+            i += 1;
+        }
+        if at != from + len {
+            return Err(ioerr("a copy does not cover whole base chunks"));
+        }
+        if !(self.cloned && from == self.at) {
+            let tmp = self.tmp()?;
+            copy_range(base, from, tmp, self.at, len)?;
+        }
+        self.at += len;
+        Ok(())
+    }
+
+    fn data(&mut self, hash: Option<Hash>, bytes: &[u8]) -> io::Result<()> {
+        if self.tmp.is_none() {
+            return Ok(());
+        }
+        if self.part.len() + bytes.len() > MAX_SIZE as usize {
+            return Err(ioerr("a chunk larger than the maximum"));
+        }
+        self.part.extend_from_slice(bytes);
+        let Some(hash) = hash else { return Ok(()) };
+        if self.part.is_empty() || hash_bytes(&self.part) != hash {
+            return Err(ioerr("a received chunk does not match its hash"));
+        }
+        if self.at.saturating_add(self.part.len() as u64) > self.size {
+            return Err(ioerr("more data than the announced size"));
+        }
+        let part = std::mem::take(&mut self.part);
+        self.tmp()?.write_all_at(&part, self.at)?;
+        self.chunks.push(ChunkRef {
+            offset: self.at,
+            len: part.len() as u32,
+            hash,
+        });
+        self.at += part.len() as u64;
+        Ok(())
+    }
+}
+
+/// Unlinks an intermediate file unless disarmed.
+struct TmpName {
+    dir: i32,
+    name: Option<CString>,
+}
+
+impl Drop for TmpName {
+    fn drop(&mut self) {
+        if let Some(n) = self.name.take() {
+            // SAFETY: unlinkat on a live descriptor owned by the transfer.
+            unsafe { libc::unlinkat(self.dir, n.as_ptr(), 0) };
+        }
+    }
+}
+
+fn is_gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+fn failed(e: &io::Error) -> AckOutcome {
+    let retry = matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC)
+            | Some(libc::EDQUOT)
+            | Some(libc::EACCES)
+            | Some(libc::EPERM)
+            | Some(libc::EIO)
+            | Some(libc::EROFS)
+            | Some(libc::EBUSY)
+            | Some(libc::ETXTBSY)
+            | Some(libc::EMFILE)
+            | Some(libc::ENFILE)
+            | Some(libc::ENOMEM)
+            | Some(libc::EAGAIN)
+    ) || e.raw_os_error().is_none();
+    AckOutcome::Failed {
+        error: err_str(e),
+        retry,
+    }
+}
+
+fn copy_range(
+    src: &File,
+    mut off_in: u64,
+    dst: &File,
+    mut off_out: u64,
+    len: u64,
+) -> io::Result<()> {
+    let mut left = len;
+    while left > 0 {
+        let mut i = off_in as i64;
+        let mut o = off_out as i64;
+        // SAFETY: copy_file_range between two descriptors we own, with valid offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut i,
+                dst.as_raw_fd(),
+                &mut o,
+                left.min(1 << 30) as usize,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+            ) {
+                return copy_slow(src, off_in, dst, off_out, left);
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        left -= n as u64;
+        off_in += n as u64;
+        off_out += n as u64;
+    }
+    Ok(())
+}
+
+fn copy_slow(
+    src: &File,
+    mut off_in: u64,
+    dst: &File,
+    mut off_out: u64,
+    mut left: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off_in)?;
+        dst.write_all_at(&buf[..n], off_out)?;
+        left -= n as u64;
+        off_in += n as u64;
+        off_out += n as u64;
+    }
+    Ok(())
+}
+
+fn copy_all(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    copy_range(src, 0, dst, 0, len)
+}
+
+fn renameat(d1: BorrowedFd<'_>, n1: &CStr, d2: BorrowedFd<'_>, n2: &CStr) -> io::Result<()> {
+    // SAFETY: renameat between our descriptors with NUL-terminated names.
+    let r = unsafe { libc::renameat(d1.as_raw_fd(), n1.as_ptr(), d2.as_raw_fd(), n2.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: mkdirat on our descriptor.
+    let r = unsafe {
+        libc::mkdirat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            (mode & 0o1777) as libc::mode_t,
+        )
+    };
+    if r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: symlinkat on our descriptor.
+    let r = unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// fsync of an `O_PATH` folder descriptor (reopened for reading); failures are logged only.
+fn fsync_dir(dir: BorrowedFd<'_>) {
+    match openat2_beneath(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+        Ok(fd) => {
+            // SAFETY: fsync on our descriptor.
+            if unsafe { libc::fsync(fd.as_raw_fd()) } != 0 {
+                tracing::warn!("fsync of a folder failed: {}", io::Error::last_os_error());
+            }
+        }
+        Err(e) => tracing::warn!("cannot open a folder to fsync it: {e}"),
+    }
+}
+
+/// `report.docx` → `report (conflict peer-b 2026-11-21 10.32).docx`.
+pub fn conflict_name(name: &CStr, peer: &str) -> CString {
+    let bytes = name.to_bytes();
+    let (stem, ext) = match bytes.iter().rposition(|b| *b == b'.') {
+        Some(i) if i > 0 => (&bytes[..i], &bytes[i..]),
+        _ => (bytes, &b""[..]),
+    };
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let stamp = utc_minutes(secs);
+    let peer: String = peer
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
+    let mut out = stem.to_vec();
+    out.extend_from_slice(format!(" (conflict {peer} {stamp})").as_bytes());
+    out.extend_from_slice(ext);
+    out.truncate(255);
+    CString::new(out).unwrap_or_else(|_| c"conflict".to_owned())
+}
+
+/// `YYYY-MM-DD HH.MM` in UTC.
+fn utc_minutes(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}.{:02}",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names() {
+        let n = conflict_name(c"report.docx", "peer-b");
+        let s = n.to_str().expect("utf8");
+        assert!(s.starts_with("report (conflict peer-b "), "{s}");
+        assert!(s.ends_with(").docx"), "{s}");
+        let n = conflict_name(c"Makefile", "b");
+        assert!(
+            n.to_str()
+                .expect("utf8")
+                .starts_with("Makefile (conflict b ")
+        );
+        assert_eq!(utc_minutes(0), "1970-01-01 00.00");
+        assert_eq!(utc_minutes(1_795_000_000), "2026-11-18 11.06");
+    }
+}
