@@ -265,33 +265,57 @@ impl Drive {
 /// Sends cache invalidations to the kernel from a thread of their own: never from a request
 /// handler, because the kernel may hold the inode's lock while it waits for that handler.
 struct KernelInvalidator {
-    tx: Mutex<std::sync::mpsc::Sender<u64>>,
+    tx: Mutex<std::sync::mpsc::Sender<Inval>>,
+}
+
+enum Inval {
+    /// Attributes only (offset -1 keeps cached pages).
+    Attrs(u64),
+    /// Attributes and cached pages.
+    Data(u64),
+    Entry(u64, std::ffi::OsString),
 }
 
 impl KernelInvalidator {
     fn start(notifier: fuser::Notifier) -> io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let (tx, rx) = std::sync::mpsc::channel::<Inval>();
         std::thread::Builder::new()
             .name("peerfs-inval".into())
             .spawn(move || {
-                for node in rx {
-                    // Offset -1: attributes only, keep cached pages.
-                    match notifier.inval_inode(INodeNo(node), -1, 0) {
+                for inval in rx {
+                    let r = match &inval {
+                        Inval::Attrs(node) => notifier.inval_inode(INodeNo(*node), -1, 0),
+                        Inval::Data(node) => notifier.inval_inode(INodeNo(*node), 0, 0),
+                        Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), name),
+                    };
+                    match r {
                         Ok(()) => {}
                         // The kernel no longer knows the node: nothing to invalidate.
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                        Err(e) => warn!(node, error = %e, "kernel cache invalidation failed"),
+                        Err(e) => warn!(error = %e, "kernel cache invalidation failed"),
                     }
                 }
             })?;
         Ok(KernelInvalidator { tx: Mutex::new(tx) })
     }
+
+    fn send(&self, inval: Inval) {
+        // The receiver lives as long as the session; a send can only fail during shutdown.
+        let _ = self.tx.lock().send(inval);
+    }
 }
 
 impl peerfs_vfs::Invalidator for KernelInvalidator {
     fn inode(&self, node: u64) {
-        // The receiver lives as long as the session; a send can only fail during shutdown.
-        let _ = self.tx.lock().send(node);
+        self.send(Inval::Attrs(node));
+    }
+
+    fn data(&self, node: u64) {
+        self.send(Inval::Data(node));
+    }
+
+    fn entry(&self, parent: u64, name: &OsStr) {
+        self.send(Inval::Entry(parent, name.to_os_string()));
     }
 }
 
@@ -324,6 +348,9 @@ pub fn errno(e: &VfsError) -> Errno {
 struct BackingCache {
     by_node: HashMap<u64, Weak<BackingId>>,
     by_handle: HashMap<u64, Arc<BackingId>>,
+    /// Open handles served by the daemon, per inode (their handle → inode).
+    daemon_nodes: HashMap<u64, usize>,
+    daemon_handles: HashMap<u64, u64>,
 }
 
 /// Cheap to clone: requests that may wait for peers take a clone to another thread.
@@ -523,23 +550,37 @@ impl Adapter {
         }
         let fh = opened.fh;
         let file = self.vfs.file(fh).ok()?;
+        let node = file.node();
         let mut cache = self.backing.lock();
-        let id = match cache.by_node.get(&file.node()).and_then(Weak::upgrade) {
+        let id = match cache.by_node.get(&node).and_then(Weak::upgrade) {
             Some(id) => id,
-            None if opened.sets_id => return None,
+            // Served by the daemon: setuid files, tracked writers, and every other open of an
+            // inode that has such handles (the kernel refuses to mix the two modes).
+            None if opened.sets_id || opened.track || cache.daemon_nodes.contains_key(&node) => {
+                *cache.daemon_nodes.entry(node).or_insert(0) += 1;
+                cache.daemon_handles.insert(fh, node);
+                return None;
+            }
             None => match open_backing(&file) {
                 Ok(id) => {
                     let id = Arc::new(id);
-                    cache.by_node.insert(file.node(), Arc::downgrade(&id));
+                    cache.by_node.insert(node, Arc::downgrade(&id));
                     id
                 }
                 Err(e) => {
-                    warn!(node = file.node(), error = %e, "kernel passthrough refused; serving this open through the daemon");
+                    warn!(node, error = %e, "kernel passthrough refused; serving this open through the daemon");
+                    *cache.daemon_nodes.entry(node).or_insert(0) += 1;
+                    cache.daemon_handles.insert(fh, node);
                     return None;
                 }
             },
         };
         cache.by_handle.insert(fh, id.clone());
+        drop(cache);
+        if file.writes() {
+            // The drive will not see this handle's writes.
+            self.vfs.untracked(fh);
+        }
         Some(id)
     }
 }
@@ -842,6 +883,14 @@ impl Filesystem for Adapter {
                 // Last handle of the inode: drop its entry too, or the map grows forever.
                 if Arc::strong_count(&id) == 1 {
                     cache.by_node.remove(&ino.0);
+                }
+            }
+            if let Some(node) = cache.daemon_handles.remove(&fh.0) {
+                if let Some(n) = cache.daemon_nodes.get_mut(&node) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        cache.daemon_nodes.remove(&node);
+                    }
                 }
             }
         }

@@ -171,8 +171,113 @@ pub enum XattrReply {
 /// kernel did not ask to change, later: a remote update). Implementations must not block: the
 /// kernel may hold locks while the request that caused the change is in flight.
 pub trait Invalidator: Send + Sync {
-    /// The attributes (and cached data) of `node` are stale.
+    /// The attributes of `node` are stale.
     fn inode(&self, node: NodeId);
+    /// The attributes and the cached content of `node` are stale.
+    fn data(&self, node: NodeId) {
+        self.inode(node);
+    }
+    /// The name `name` in folder `parent` may now lead elsewhere (or nowhere).
+    fn entry(&self, _parent: NodeId, _name: &OsStr) {}
+}
+
+/// A change the drive made to a replicated name, reported after it succeeded (the replicator
+/// records it durably before the call returns). Temp and owner files never produce changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// `path` has new content: the last writer released it (`dirty`: the byte ranges written
+    /// through the drive, `None` when some writes bypassed it), or a file was renamed onto it
+    /// from a name that does not replicate.
+    Content {
+        path: RelPath,
+        dirty: Option<Vec<std::ops::Range<u64>>>,
+    },
+    /// Mode, owner, times or xattrs of `path` changed.
+    Meta {
+        path: RelPath,
+    },
+    Mkdir {
+        path: RelPath,
+    },
+    Symlink {
+        path: RelPath,
+    },
+    Link {
+        existing: RelPath,
+        path: RelPath,
+    },
+    /// `path` is gone (unlinked, removed, or renamed to a name that does not replicate).
+    /// `held`: a file, which a save may replace in a moment (see OFFICE-SAVES.md).
+    Remove {
+        path: RelPath,
+        held: bool,
+    },
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
+}
+
+/// Where the drive reports changes for replication.
+pub trait Replicate: Send + Sync {
+    fn changed(&self, change: Change);
+}
+
+/// Written ranges of one inode while write handles are open (tracked per inode, not per
+/// handle: every handle's writes land in the same file).
+#[derive(Debug, Default)]
+struct Dirty {
+    writers: u32,
+    ranges: Vec<std::ops::Range<u64>>,
+    /// Some writes bypassed the drive (kernel passthrough) or moved data around: re-chunk it all.
+    untracked: bool,
+    /// (size, mtime, ctime) when the first writer opened it; `None` for a file just created.
+    before: Option<(i64, i64, i64, i64, i64)>,
+}
+
+/// Ranges beyond this many are not worth tracking: the file is re-chunked in full.
+const MAX_DIRTY_RANGES: usize = 512;
+
+impl Dirty {
+    fn add(&mut self, r: std::ops::Range<u64>) {
+        if r.start >= r.end || self.untracked {
+            return;
+        }
+        // Merge with the last range when adjacent or overlapping (sequential writes).
+        if let Some(last) = self.ranges.last_mut() {
+            if r.start <= last.end && r.end >= last.start {
+                last.start = last.start.min(r.start);
+                last.end = last.end.max(r.end);
+                return;
+            }
+        }
+        self.ranges.push(r);
+        if self.ranges.len() > MAX_DIRTY_RANGES {
+            self.ranges.sort_by_key(|r| r.start);
+            let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(self.ranges.len());
+            for r in self.ranges.drain(..) {
+                match merged.last_mut() {
+                    Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+                    _ => merged.push(r),
+                }
+            }
+            if merged.len() > MAX_DIRTY_RANGES {
+                self.untracked = true;
+                merged.clear();
+            }
+            self.ranges = merged;
+        }
+    }
+}
+
+fn stamp(st: &libc::stat) -> (i64, i64, i64, i64, i64) {
+    (
+        st.st_size,
+        st.st_mtime,
+        st.st_mtime_nsec,
+        st.st_ctime,
+        st.st_ctime_nsec,
+    )
 }
 
 /// Cross-peer write locks, as the drive needs them (lockd provides them; tests may fake them).
@@ -206,6 +311,9 @@ pub struct VfsConfig {
     pub backing: PathBuf,
     /// Temp and owner files that are never locked across peers (nor replicated).
     pub excludes: exclude::Excludes,
+    /// With a replicator: write opens of files at least this big track their written ranges
+    /// (served by the drive rather than kernel passthrough). `u64::MAX`: never.
+    pub track_min_size: u64,
 }
 
 impl VfsConfig {
@@ -214,6 +322,7 @@ impl VfsConfig {
         VfsConfig {
             backing,
             excludes: exclude::Excludes::defaults(),
+            track_min_size: 16 * 1024 * 1024,
         }
     }
 }
@@ -225,6 +334,8 @@ pub struct FileHandle {
     /// The path whose lock this write handle holds: the name it was opened under (renaming the
     /// open file away does not move the lock).
     lock: Option<RelPath>,
+    /// Opened for writing: its node's written ranges are tracked until the last such handle.
+    writes: bool,
 }
 
 impl FileHandle {
@@ -236,6 +347,11 @@ impl FileHandle {
     /// The node this handle was opened on.
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Opened for writing.
+    pub fn writes(&self) -> bool {
+        self.writes
     }
 }
 
@@ -250,6 +366,10 @@ struct DirHandle {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
     pub fh: u64,
+    /// A write handle whose written ranges the drive tracks for replication: serve its writes
+    /// through the drive (not kernel passthrough) unless the inode already uses passthrough
+    /// (then call [`Vfs::untracked`]).
+    pub track: bool,
     /// The file is setuid, or setgid and group-executable: a write by another user must clear
     /// those bits, so its writes have to pass through the drive (not kernel passthrough).
     pub sets_id: bool,
@@ -266,6 +386,11 @@ pub struct Vfs {
     counters: Counters,
     invalidator: std::sync::OnceLock<Box<dyn Invalidator>>,
     locks: std::sync::OnceLock<Arc<dyn Locks>>,
+    replicator: std::sync::OnceLock<Arc<dyn Replicate>>,
+    dirty: Mutex<HashMap<NodeId, Dirty>>,
+    /// Write opens of files at least this big are served by the drive (not kernel
+    /// passthrough), so their written ranges are known and a small edit costs a small delta.
+    track_min_size: u64,
     excludes: exclude::Excludes,
 }
 
@@ -308,6 +433,9 @@ impl Vfs {
             counters: Counters::default(),
             invalidator: std::sync::OnceLock::new(),
             locks: std::sync::OnceLock::new(),
+            replicator: std::sync::OnceLock::new(),
+            dirty: Mutex::new(HashMap::new()),
+            track_min_size: cfg.track_min_size,
             excludes: cfg.excludes,
         })
     }
@@ -316,6 +444,196 @@ impl Vfs {
     pub fn set_locks(&self, locks: Arc<dyn Locks>) {
         if self.locks.set(locks).is_err() {
             tracing::warn!("lock service already installed");
+        }
+    }
+
+    /// Installs the replicator (once, before mounting; later calls are ignored).
+    pub fn set_replicator(&self, r: Arc<dyn Replicate>) {
+        if self.replicator.set(r).is_err() {
+            tracing::warn!("replicator already installed");
+        }
+    }
+
+    /// The replicated name `path`, if changes to it are reported: a replicator is installed and
+    /// the name is neither the root, a temp/owner file, nor peerfs's own.
+    fn replicated(&self, path: Option<RelPath>) -> Option<RelPath> {
+        self.replicator.get()?;
+        let path = path?;
+        if path.is_root() || self.excludes.is_excluded(&path) || is_reserved_path(&path) {
+            return None;
+        }
+        Some(path)
+    }
+
+    fn report(&self, change: Change) {
+        if let Some(r) = self.replicator.get() {
+            r.changed(change);
+        }
+    }
+
+    /// Starts (or joins) tracking writes to `node` for a new write handle.
+    fn track_open(&self, node: NodeId, before: Option<&libc::stat>, truncated_from: Option<u64>) {
+        if self.replicator.get().is_none() {
+            return;
+        }
+        let mut dirty = self.dirty.lock();
+        let d = dirty.entry(node).or_insert_with(|| Dirty {
+            before: before.map(stamp),
+            ..Dirty::default()
+        });
+        d.writers += 1;
+        if let Some(old) = truncated_from {
+            d.add(0..old);
+        }
+    }
+
+    fn track_range(&self, node: NodeId, r: std::ops::Range<u64>) {
+        if let Some(d) = self.dirty.lock().get_mut(&node) {
+            d.add(r);
+        }
+    }
+
+    /// The adapter serves write handle `fh` in kernel passthrough: the drive does not see its
+    /// writes, so the file is re-chunked in full when its last writer closes.
+    pub fn untracked(&self, fh: u64) {
+        let Ok(h) = self.file(fh) else { return };
+        if let Some(d) = self.dirty.lock().get_mut(&h.node) {
+            d.untracked = true;
+        }
+    }
+
+    /// The last write handle of `node` went away: report its new content (if it changed).
+    fn track_release(&self, node: NodeId, fd: BorrowedFd<'_>) {
+        let done = {
+            let mut dirty = self.dirty.lock();
+            let Some(d) = dirty.get_mut(&node) else {
+                return;
+            };
+            d.writers = d.writers.saturating_sub(1);
+            if d.writers > 0 {
+                return;
+            }
+            dirty.remove(&node)
+        };
+        let Some(d) = done else { return };
+        let Some(path) = self.replicated(self.path(node)) else {
+            return;
+        };
+        // A write open that changed nothing ships nothing (gedit's stat-only open, Samba).
+        let now = sys::fstat(fd).ok();
+        let unchanged = d.ranges.is_empty()
+            && !d.untracked
+            && d.before.is_some()
+            && now.as_ref().map(stamp) == d.before;
+        if unchanged {
+            return;
+        }
+        let dirty = if d.untracked || d.before.is_none() {
+            None
+        } else {
+            Some(d.ranges)
+        };
+        self.report(Change::Content { path, dirty });
+    }
+
+    /// Whether a write open of a file of `size` bytes should be served by the drive.
+    fn wants_tracking(&self, size: i64) -> bool {
+        self.replicator.get().is_some() && size as u64 >= self.track_min_size
+    }
+
+    /// Whether `node` has write handles open now.
+    fn has_writers(&self, node: NodeId) -> bool {
+        self.dirty.lock().get(&node).is_some_and(|d| d.writers > 0)
+    }
+
+    // ---- changes made by peers (the replicator wrote the backing folder directly) -------------
+
+    /// The node of folder `path` if the kernel knows it (walking known names from the root).
+    fn known_dir(&self, path: &RelPath) -> Option<NodeId> {
+        let nodes = self.nodes.read();
+        let mut cur = ROOT;
+        for c in path.components() {
+            cur = nodes.child(cur, c)?;
+        }
+        Some(cur)
+    }
+
+    /// A peer changed or created `path`: drop what the kernel caches of the name, the old
+    /// object's attributes and its pages.
+    pub fn remote_changed(&self, path: &RelPath) {
+        let Some((parent, name)) = path.split_last() else {
+            return;
+        };
+        let Some(pnode) = self.known_dir(&parent) else {
+            return;
+        };
+        let old = self.nodes.read().child(pnode, name);
+        let current = cname(name).ok().and_then(|c| {
+            self.node_fd(pnode)
+                .ok()
+                .and_then(|fd| sys::fstatat(fd.as_fd(), &c).ok())
+        });
+        let Some(inv) = self.invalidator.get() else {
+            return;
+        };
+        if let Some(old) = old {
+            let same = self
+                .node_fd(old)
+                .ok()
+                .and_then(|fd| sys::fstat(fd.as_fd()).ok())
+                .zip(current.as_ref())
+                .is_some_and(|(a, b)| a.st_ino == b.st_ino && a.st_dev == b.st_dev);
+            if !same {
+                // Replaced by a new file: the old node keeps serving its open handles only.
+                self.nodes.write().unlinked(pnode, name);
+            }
+            inv.data(old);
+        }
+        inv.entry(pnode, name);
+        inv.inode(pnode);
+    }
+
+    /// A peer removed `path`.
+    pub fn remote_removed(&self, path: &RelPath) {
+        let Some((parent, name)) = path.split_last() else {
+            return;
+        };
+        let Some(pnode) = self.known_dir(&parent) else {
+            return;
+        };
+        let old = self.nodes.read().child(pnode, name);
+        self.nodes.write().unlinked(pnode, name);
+        if let Some(inv) = self.invalidator.get() {
+            if let Some(old) = old {
+                inv.inode(old);
+            }
+            inv.entry(pnode, name);
+            inv.inode(pnode);
+        }
+    }
+
+    /// A peer renamed `from` to `to`.
+    pub fn remote_renamed(&self, from: &RelPath, to: &RelPath) {
+        let (Some((fp, fname)), Some((tp, tname))) = (from.split_last(), to.split_last()) else {
+            return;
+        };
+        let fnode = self.known_dir(&fp);
+        let tnode = self.known_dir(&tp);
+        match (fnode, tnode) {
+            (Some(a), Some(b)) => self.nodes.write().renamed(a, fname, b, tname, false),
+            (Some(a), None) => self.nodes.write().unlinked(a, fname),
+            (None, Some(b)) => self.nodes.write().unlinked(b, tname),
+            (None, None) => {}
+        }
+        if let Some(inv) = self.invalidator.get() {
+            if let Some(a) = fnode {
+                inv.entry(a, fname);
+                inv.inode(a);
+            }
+            if let Some(b) = tnode {
+                inv.entry(b, tname);
+                inv.inode(b);
+            }
         }
     }
 
@@ -448,6 +766,9 @@ impl Vfs {
         if name == "." || name == ".." {
             return Err(VfsError::InvalidName);
         }
+        if is_reserved(name) {
+            return Err(VfsError::os(libc::ENOENT));
+        }
         let cname = cname(name)?;
         let fd = sys::openat(parent_fd, &cname, O_PATH_FLAGS, 0)?;
         let st = sys::fstat(fd.as_fd())?;
@@ -522,14 +843,17 @@ impl Vfs {
         let r = (|| {
             let (fd, kind) = self.node(id)?;
             let fd = fd.as_fd();
+            let mut meta_changed = false;
             if let Some(mode) = set.mode {
                 if kind == FileKind::Symlink {
                     return Err(VfsError::os(libc::EOPNOTSUPP));
                 }
                 sys::fchmod_fd(fd, mode & 0o7777)?;
+                meta_changed = true;
             }
             if set.uid.is_some() || set.gid.is_some() {
                 sys::fchownat_fd(fd, set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
+                meta_changed = true;
             }
             if let Some(size) = set.size {
                 let handle = fh.and_then(|fh| self.files.read().get(&fh).cloned());
@@ -542,13 +866,32 @@ impl Vfs {
                 if set.kill_suidgid {
                     kill_suidgid_fd(fd)?;
                 }
+                let old = sys::fstat(fd)?.st_size as u64;
                 match handle {
                     Some(h) => sys::ftruncate(h.fd.as_fd(), size)?,
                     None => sys::truncate_fd_path(fd, size)?,
                 }
+                let changed = old.min(size)..old.max(size);
+                if self.has_writers(id) {
+                    self.track_range(id, changed);
+                } else if old != size {
+                    if let Some(path) = self.replicated(self.path(id)) {
+                        self.report(Change::Content {
+                            path,
+                            dirty: Some(vec![changed]),
+                        });
+                    }
+                }
             }
             if set.atime.is_some() || set.mtime.is_some() {
                 sys::utimens_fd(fd, &[timespec(set.atime), timespec(set.mtime)])?;
+                // atime never replicates.
+                meta_changed |= set.mtime.is_some();
+            }
+            if meta_changed {
+                if let Some(path) = self.replicated(self.path(id)) {
+                    self.report(Change::Meta { path });
+                }
             }
             Ok(attr_from_stat(id, &sys::fstat(fd)?))
         })();
@@ -571,6 +914,9 @@ impl Vfs {
         make: impl FnOnce(BorrowedFd<'_>, &std::ffi::CStr) -> Result<()>,
     ) -> Result<Attr> {
         let pfd = self.node_fd(parent)?;
+        if is_reserved(name) {
+            return Err(VfsError::os(libc::EPERM));
+        }
         let cname = cname(name)?;
         // Creating a name (a node, a folder, a symlink, a hard link) takes that name's lock.
         let _guard = self.lock(self.child_path(parent, name), "create")?;
@@ -594,12 +940,22 @@ impl Vfs {
         let r = self.create_node(caller, parent, name, |dir, n| {
             sys::mknodat(dir, n, mode, u64::from(rdev))
         });
+        if r.as_ref().is_ok_and(|a| a.kind == FileKind::File) {
+            if let Some(path) = self.replicated(self.child_path(parent, name)) {
+                self.report(Change::Content { path, dirty: None });
+            }
+        }
         self.count(r)
     }
 
     pub fn mkdir(&self, caller: Caller, parent: NodeId, name: &OsStr, mode: u32) -> Result<Attr> {
         bump(&self.counters.mkdirs);
         let r = self.create_node(caller, parent, name, |dir, n| sys::mkdirat(dir, n, mode));
+        if r.is_ok() {
+            if let Some(path) = self.replicated(self.child_path(parent, name)) {
+                self.report(Change::Mkdir { path });
+            }
+        }
         self.count(r)
     }
 
@@ -615,6 +971,11 @@ impl Vfs {
         let r = self.create_node(caller, parent, name, |dir, n| {
             sys::symlinkat(&target, dir, n)
         });
+        if r.is_ok() {
+            if let Some(path) = self.replicated(self.child_path(parent, name)) {
+                self.report(Change::Symlink { path });
+            }
+        }
         self.count(r)
     }
 
@@ -626,11 +987,21 @@ impl Vfs {
         newname: &OsStr,
     ) -> Result<Attr> {
         bump(&self.counters.links);
+        let existing = self.path(id);
         let r = self.node_fd(id).and_then(|fd| {
             self.create_node(caller, newparent, newname, |dir, n| {
                 sys::link_fd(fd.as_fd(), dir, n)
             })
         });
+        if r.is_ok() {
+            if let Some(path) = self.replicated(self.child_path(newparent, newname)) {
+                // A link to a name that does not replicate brings its content along.
+                match self.replicated(existing) {
+                    Some(existing) => self.report(Change::Link { existing, path }),
+                    None => self.report(Change::Content { path, dirty: None }),
+                }
+            }
+        }
         self.count(r)
     }
 
@@ -646,6 +1017,9 @@ impl Vfs {
         bump(&self.counters.creates);
         let r = (|| {
             let pfd = self.node_fd(parent)?;
+            if is_reserved(name) {
+                return Err(VfsError::os(libc::EPERM));
+            }
             let cname = cname(name)?;
             // Creating a name takes its lock, also for a create that only opens an existing file.
             let guard = self.lock(self.child_path(parent, name), "create")?;
@@ -671,9 +1045,17 @@ impl Vfs {
             } else {
                 None
             };
-            let fh = self.add_file(fd, attr.ino, lock);
+            let w = writes(flags);
+            if w {
+                self.track_open(attr.ino, None, None);
+            } else if let Some(path) = self.replicated(self.child_path(parent, name)) {
+                // Created (or opened) read-only: no writer will report it.
+                self.report(Change::Content { path, dirty: None });
+            }
+            let fh = self.add_file(fd, attr.ino, lock, w);
             let sets_id = sets_id(st.st_mode);
-            Ok((attr, Opened { fh, sets_id }))
+            let track = w && self.wants_tracking(st.st_size);
+            Ok((attr, Opened { fh, sets_id, track }))
         })();
         self.count(r)
     }
@@ -688,7 +1070,11 @@ impl Vfs {
             sys::unlinkat(pfd.as_fd(), &cname(name)?, 0)
         });
         if r.is_ok() {
+            let path = self.replicated(self.child_path(parent, name));
             self.nodes.write().unlinked(parent, name);
+            if let Some(path) = path {
+                self.report(Change::Remove { path, held: true });
+            }
         }
         self.count(r)
     }
@@ -700,7 +1086,11 @@ impl Vfs {
             sys::unlinkat(pfd.as_fd(), &cname(name)?, libc::AT_REMOVEDIR)
         });
         if r.is_ok() {
+            let path = self.replicated(self.child_path(parent, name));
             self.nodes.write().unlinked(parent, name);
+            if let Some(path) = path {
+                self.report(Change::Remove { path, held: false });
+            }
         }
         self.count(r)
     }
@@ -718,7 +1108,14 @@ impl Vfs {
             let old_dir = self.node_fd(parent)?;
             let new_dir = self.node_fd(newparent)?;
             let oldname = cname(name)?;
+            if is_reserved(newname) {
+                return Err(VfsError::os(libc::EPERM));
+            }
             let _guards = self.lock_rename(&old_dir, parent, name, &new_dir, newparent, newname)?;
+            let from_path = self.child_path(parent, name);
+            let to_path = self.child_path(newparent, newname);
+            let moved = sys::fstatat(old_dir.as_fd(), &oldname).ok();
+            let newname_os = newname;
             let newname = cname(newname)?;
             sys::renameat2(
                 old_dir.as_fd(),
@@ -734,9 +1131,62 @@ impl Vfs {
                 OsStr::from_bytes(newname.as_bytes()),
                 flags.0 & RenameFlags::EXCHANGE != 0,
             );
+            self.report_rename(
+                from_path,
+                to_path,
+                moved.as_ref(),
+                newparent,
+                newname_os,
+                flags.0 & RenameFlags::EXCHANGE != 0,
+            );
             Ok(())
         })();
         self.count(r)
+    }
+
+    /// What a successful rename means for the peers (see OFFICE-SAVES.md): between replicated
+    /// names a rename; onto a replicated name from a temp a content update (shipped now unless
+    /// the file is still open for writing: then at its release); away to a temp a removal.
+    fn report_rename(
+        &self,
+        from: Option<RelPath>,
+        to: Option<RelPath>,
+        moved: Option<&libc::stat>,
+        newparent: NodeId,
+        newname: &OsStr,
+        exchange: bool,
+    ) {
+        let from = self.replicated(from);
+        let to = self.replicated(to);
+        let is_dir = moved.is_some_and(|st| FileKind::from_mode(st.st_mode) == FileKind::Dir);
+        let node = self.nodes.read().child(newparent, newname);
+        let open_for_writing = node.is_some_and(|n| self.has_writers(n));
+        match (from, to) {
+            (Some(from), Some(to)) if exchange => {
+                self.report(Change::Content {
+                    path: from,
+                    dirty: None,
+                });
+                self.report(Change::Content {
+                    path: to,
+                    dirty: None,
+                });
+            }
+            (Some(from), Some(to)) => self.report(Change::Rename { from, to }),
+            (Some(from), None) => self.report(Change::Remove {
+                path: from,
+                held: !is_dir,
+            }),
+            (None, Some(to)) => {
+                if !open_for_writing {
+                    self.report(Change::Content {
+                        path: to,
+                        dirty: None,
+                    });
+                }
+            }
+            (None, None) => {}
+        }
     }
 
     /// The locks a rename needs: renaming a name away and renaming onto a name both take that
@@ -775,11 +1225,17 @@ impl Vfs {
 
     // ---- files -----------------------------------------------------------------------------
 
-    fn add_file(&self, fd: OwnedFd, node: NodeId, lock: Option<RelPath>) -> u64 {
+    fn add_file(&self, fd: OwnedFd, node: NodeId, lock: Option<RelPath>, writes: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files
-            .write()
-            .insert(fh, Arc::new(FileHandle { fd, node, lock }));
+        self.files.write().insert(
+            fh,
+            Arc::new(FileHandle {
+                fd,
+                node,
+                lock,
+                writes,
+            }),
+        );
         fh
     }
 
@@ -809,13 +1265,23 @@ impl Vfs {
             if kill_suidgid && flags & libc::O_TRUNC != 0 {
                 self.kill_suidgid(id, fd.as_fd())?;
             }
+            let w = writes(flags) && kind == FileKind::File;
+            let before = if w { sys::fstat(fd.as_fd()).ok() } else { None };
             let proc = ProcPath::new(fd.as_fd());
             let flags = flags & !OPEN_STRIP;
             let file = sys::open_path(proc.as_cstr(), flags, 0)?;
-            let sets_id = sets_id(sys::fstat(file.as_fd())?.st_mode);
+            let st = sys::fstat(file.as_fd())?;
+            let sets_id = sets_id(st.st_mode);
+            let track = w && self.wants_tracking(before.as_ref().map_or(0, |b| b.st_size));
+            if w {
+                let truncated = (flags & libc::O_TRUNC != 0)
+                    .then(|| before.as_ref().map_or(0, |b| b.st_size as u64));
+                self.track_open(id, before.as_ref(), truncated);
+            }
             Ok(Opened {
-                fh: self.add_file(file, id, guard.and_then(LockGuard::keep)),
+                fh: self.add_file(file, id, guard.and_then(LockGuard::keep), w),
                 sets_id,
+                track,
             })
         })();
         self.count(r)
@@ -859,6 +1325,7 @@ impl Vfs {
                 done += n;
             }
             add(&self.counters.bytes_written, done as u64);
+            self.track_range(h.node, offset..offset + done as u64);
             Ok(done as u32)
         })();
         self.count(r)
@@ -875,6 +1342,11 @@ impl Vfs {
         let handle = self.files.write().remove(&fh);
         match handle {
             Some(h) => {
+                // The last writer reports the new content before the lock goes: the replicator
+                // holds the lock until the peers have the new version.
+                if h.writes {
+                    self.track_release(h.node, h.fd.as_fd());
+                }
                 // The last write handle of a name lets its lock go (lockd counts references).
                 if let (Some(path), Some(locks)) = (&h.lock, self.locks.get()) {
                     locks.release(path);
@@ -894,9 +1366,18 @@ impl Vfs {
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
-        let r = self
-            .file(fh)
-            .and_then(|h| sys::fallocate(h.fd.as_fd(), mode, offset, length));
+        let r = self.file(fh).and_then(|h| {
+            sys::fallocate(h.fd.as_fd(), mode, offset, length)?;
+            if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+                // Data moved: no range describes that.
+                if let Some(d) = self.dirty.lock().get_mut(&h.node) {
+                    d.untracked = true;
+                }
+            } else {
+                self.track_range(h.node, offset..offset.saturating_add(length));
+            }
+            Ok(())
+        });
         self.count(r)
     }
 
@@ -922,6 +1403,7 @@ impl Vfs {
             let n =
                 sys::copy_file_range(src.fd.as_fd(), offset_in, dst.fd.as_fd(), offset_out, len)?;
             add(&self.counters.bytes_written, n as u64);
+            self.track_range(dst.node, offset_out..offset_out + n as u64);
             Ok(n as u32)
         })();
         self.count(r)
@@ -975,6 +1457,9 @@ impl Vfs {
             let start = usize::try_from(offset).unwrap_or(usize::MAX);
             for (i, raw) in entries.iter().enumerate().skip(start) {
                 let name = OsStr::from_bytes(&raw.name);
+                if is_reserved(name) {
+                    continue;
+                }
                 let dot = raw.name == b"." || raw.name == b"..";
                 let (kind, attr) = if plus && !dot {
                     match self.lookup_ref(dir.node, dir.fd.as_fd(), name) {
@@ -1116,7 +1601,11 @@ impl Vfs {
     pub fn setxattr(&self, id: NodeId, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let r = (|| {
             let target = self.xattr_target(id)?;
-            sys::xattr::set(&target, &cname(name)?, value, flags)
+            sys::xattr::set(&target, &cname(name)?, value, flags)?;
+            if let Some(path) = self.replicated(self.path(id)) {
+                self.report(Change::Meta { path });
+            }
+            Ok(())
         })();
         self.count_xattr(r)
     }
@@ -1124,7 +1613,11 @@ impl Vfs {
     pub fn removexattr(&self, id: NodeId, name: &OsStr) -> Result<()> {
         let r = (|| {
             let target = self.xattr_target(id)?;
-            sys::xattr::remove(&target, &cname(name)?)
+            sys::xattr::remove(&target, &cname(name)?)?;
+            if let Some(path) = self.replicated(self.path(id)) {
+                self.report(Change::Meta { path });
+            }
+            Ok(())
         })();
         self.count_xattr(r)
     }
@@ -1136,6 +1629,18 @@ impl Vfs {
             _ => self.count(r),
         }
     }
+}
+
+/// Names peerfs keeps for itself in the backing folder (the replicator's intermediate files):
+/// hidden from listings and lookups, refused for creation.
+pub const RESERVED_PREFIX: &[u8] = b".peerfs-tmp-";
+
+fn is_reserved(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(RESERVED_PREFIX)
+}
+
+fn is_reserved_path(path: &RelPath) -> bool {
+    path.components().any(is_reserved)
 }
 
 /// Setuid, or setgid with group execute (setgid without it marks mandatory locking, which a

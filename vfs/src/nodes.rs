@@ -73,6 +73,11 @@ impl NodeTable {
         self.nodes.len()
     }
 
+    /// The node the kernel knows as `parent/name`, if any.
+    pub(crate) fn child(&self, parent: NodeId, name: &OsStr) -> Option<NodeId> {
+        self.by_name.get(&(parent, name.to_os_string())).copied()
+    }
+
     pub(crate) fn get(&self, id: NodeId) -> Option<(Arc<OwnedFd>, FileKind)> {
         self.nodes.get(&id).map(|n| (n.fd.clone(), n.kind))
     }
