@@ -15,7 +15,10 @@ use peerfs_lockd::{LockConfig, LockError, LockService, Policy};
 use peerfs_proto::mesh::{Mesh, MeshConfig, MeshEvent, PeerConfig, Priority};
 use peerfs_proto::msg::Message;
 use peerfs_proto::{Identity, PeerId, RelPath};
-use peerfs_vfs::{LockDenied, Locks};
+use peerfs_replicator::engine::{self, Applied, LocalChange, Replicator, Transport};
+use peerfs_replicator::store::Store;
+use peerfs_replicator::trash::Trash;
+use peerfs_vfs::{Change, LockDenied, Locks, Replicate, Vfs};
 use serde_json::json;
 
 use crate::config::{Config, LockPolicy};
@@ -25,6 +28,7 @@ pub struct Network {
     runtime: tokio::runtime::Runtime,
     mesh: Mesh,
     locks: Arc<LockService>,
+    repl: Replicator,
     names: Arc<HashMap<PeerId, String>>,
     me: PeerId,
 }
@@ -82,7 +86,24 @@ impl Network {
             ..MeshConfig::new(cfg.name.clone(), identity)
         };
 
-        let (mesh, locks) = runtime.block_on(async {
+        let store = Arc::new(
+            Store::open(&cfg.state)
+                .map_err(|e| anyhow!("state database in {}: {e}", cfg.state.display()))?,
+        );
+        let trash = Arc::new(
+            Trash::open(&cfg.state)
+                .with_context(|| format!("cannot open the trash in {}", cfg.state.display()))?,
+        );
+        let repl_cfg = engine::Config {
+            backing: cfg.backing.clone(),
+            me,
+            peers: cfg.peers.iter().map(|p| (p.id, p.name.clone())).collect(),
+            owners: true, // TODO(config)
+            window: 16 * 1024 * 1024,
+            hold_removes: cfg.locks.linger + Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        };
+        let (mesh, locks, repl) = runtime.block_on(async {
             let (mesh, mut events) =
                 Mesh::start(mesh_cfg)
                     .await
@@ -95,6 +116,18 @@ impl Network {
             for p in &cfg.peers {
                 locks.add_peer(p.id);
             }
+            let trash_fn: engine::TrashFn = Arc::new(move |root, rel, origin| {
+                let entry = trash.put(root, rel, origin)?;
+                tracing::info!(path = %rel, by = origin, entry = %entry.id, "moved to the trash");
+                Ok(())
+            });
+            let repl = Replicator::start(
+                repl_cfg,
+                store,
+                Arc::new(MeshTransport(mesh.clone())),
+                trash_fn,
+            )
+            .context("cannot start the replicator")?;
             // lockd → peers. Lock traffic is Control: it never waits behind bulk data.
             let sender = mesh.clone();
             tokio::spawn(async move {
@@ -107,29 +140,36 @@ impl Network {
             // peers → lockd, in connection order.
             let svc = Arc::clone(&locks);
             let peer_names = Arc::clone(&names);
+            let rp = repl.clone();
             tokio::spawn(async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
                         MeshEvent::Connected { peer, name } => {
                             tracing::info!(peer = %name, id = %peer, "peer connected");
                             svc.peer_connected(peer);
+                            rp.peer_connected(peer);
                         }
                         MeshEvent::Disconnected { peer, reason } => {
                             let name = peer_names.get(&peer).cloned().unwrap_or_default();
                             tracing::info!(peer = %name, id = %peer, "peer disconnected: {reason}");
                             svc.peer_disconnected(peer);
+                            rp.peer_disconnected(peer);
                         }
                         MeshEvent::Message {
                             peer,
                             msg: Message::Lock(m),
                         } => svc.on_message(peer, m),
+                        MeshEvent::Message {
+                            peer,
+                            msg: Message::Repl(m),
+                        } => rp.on_message(peer, m),
                         MeshEvent::Message { peer, msg } => {
                             tracing::debug!(peer = %peer.short(), ?msg, "message not for lockd");
                         }
                     }
                 }
             });
-            anyhow::Ok((mesh, locks))
+            anyhow::Ok((mesh, locks, repl))
         })?;
         tracing::info!(
             id = %me,
@@ -141,6 +181,7 @@ impl Network {
             runtime,
             mesh,
             locks,
+            repl,
             names,
             me,
         })
@@ -179,15 +220,39 @@ impl Network {
         })
     }
 
+    /// Connects the drive and the replicator: the drive reports its changes, and changes from
+    /// peers invalidate the drive's kernel caches.
+    pub fn attach(&self, vfs: &Arc<Vfs>) {
+        vfs.set_replicator(Arc::new(DriveChanges {
+            repl: self.repl.clone(),
+            locks: Arc::clone(&self.locks),
+        }));
+        self.repl
+            .set_applied(Arc::new(DriveCaches(Arc::downgrade(vfs))));
+    }
+
     /// `status`'s peer list.
     pub fn peers_source(&self) -> crate::control::Source {
         let mesh = self.mesh.clone();
+        let repl = self.repl.clone();
         Arc::new(move || {
+            let rs = repl.status();
             let peers: Vec<serde_json::Value> = mesh
                 .status()
                 .into_iter()
                 .map(|p| {
+                    let id = p.id.to_string();
+                    let r = rs.iter().find(|r| r.id == id).cloned().unwrap_or_default();
                     json!({
+                        "queue": r.queue,
+                        "queue_bytes": r.queue_bytes,
+                        "bytes_sent": p.bytes_sent,
+                        "bytes_received": p.bytes_received,
+                        "content_bytes_sent": r.content_bytes_sent,
+                        "content_bytes_received": r.content_bytes_received,
+                        "records_sent": r.records_sent,
+                        "records_applied": r.records_applied,
+                        "replication_error": r.last_error,
                         "name": p.name,
                         "id": p.id.to_string(),
                         "address": p.address,
@@ -231,6 +296,7 @@ impl Network {
 
     /// Stops the mesh (peers see the connection close at once, not after `dead_after`).
     pub fn shutdown(self) {
+        self.repl.stop();
         let Network { runtime, mesh, .. } = self;
         runtime.block_on(mesh.shutdown());
         runtime.shutdown_timeout(Duration::from_secs(2));
@@ -288,5 +354,86 @@ impl Locks for MeshLocks {
         self.svc.claim_below(dir).map(|peer| LockDenied {
             holder: self.name(&peer),
         })
+    }
+}
+
+/// The replicator's network: replication messages over the mesh (the stream on the Bulk
+/// lane, acknowledgements and flow credit on the Control lane).
+struct MeshTransport(Mesh);
+
+impl Transport for MeshTransport {
+    fn send(&self, peer: PeerId, msg: peerfs_proto::msg::ReplMsg, bulk: bool) -> bool {
+        let prio = if bulk {
+            Priority::Bulk
+        } else {
+            Priority::Control
+        };
+        match self.0.send(peer, Message::Repl(msg), prio) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(peer = %peer.short(), "replication message not sent: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// The drive's changes, recorded for the peers. A new version of a locked name keeps the lock
+/// (one more reference) until every connected peer has acknowledged it: transfer under lock,
+/// then unlock.
+struct DriveChanges {
+    repl: Replicator,
+    locks: Arc<LockService>,
+}
+
+impl Replicate for DriveChanges {
+    fn changed(&self, change: Change) {
+        let held = match &change {
+            Change::Content { path, .. } if self.locks.holder_of(path) == Some(self.locks.me()) => {
+                // Already held here: this only adds a reference, without a round trip.
+                self.locks.acquire_blocking(path).ok().map(|_| path.clone())
+            }
+            _ => None,
+        };
+        let local = match change {
+            Change::Content { path, dirty } => LocalChange::Content {
+                path,
+                dirty,
+                fence: None,
+            },
+            Change::Meta { path } => LocalChange::Meta { path },
+            Change::Mkdir { path } => LocalChange::Mkdir { path },
+            Change::Symlink { path } => LocalChange::Symlink { path },
+            Change::Link { existing, path } => LocalChange::Link { existing, path },
+            Change::Remove { path, held } => LocalChange::Remove { path, held },
+            Change::Rename { from, to } => LocalChange::Rename { from, to },
+        };
+        let targets = self.repl.local(local);
+        if let Some(path) = held {
+            let locks = Arc::clone(&self.locks);
+            self.repl
+                .when_delivered(targets, Box::new(move || locks.release(&path)));
+        }
+    }
+}
+
+/// Changes from peers, as the drive's kernel caches need to hear of them.
+struct DriveCaches(std::sync::Weak<Vfs>);
+
+impl Applied for DriveCaches {
+    fn changed(&self, path: &RelPath) {
+        if let Some(v) = self.0.upgrade() {
+            v.remote_changed(path);
+        }
+    }
+    fn removed(&self, path: &RelPath) {
+        if let Some(v) = self.0.upgrade() {
+            v.remote_removed(path);
+        }
+    }
+    fn renamed(&self, from: &RelPath, to: &RelPath) {
+        if let Some(v) = self.0.upgrade() {
+            v.remote_renamed(from, to);
+        }
     }
 }

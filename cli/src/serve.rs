@@ -212,6 +212,7 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
     let vfs = Vfs::new(VfsConfig {
         backing: cfg.backing.clone(),
         excludes,
+        track_min_size: 16 * 1024 * 1024, // TODO(config)
     })
     .map_err(|e| anyhow!("cannot open backing {}: {e}", cfg.backing.display()))?;
     let vfs = Arc::new(vfs);
@@ -219,6 +220,7 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
     let network = if cfg.networked() {
         let net = Network::start(cfg)?;
         vfs.set_locks(net.vfs_locks());
+        net.attach(&vfs);
         // Write-opens right after mount must see the peers that are up.
         net.wait_for_peers(cfg, STARTUP_PEER_WAIT);
         Some(net)

@@ -228,6 +228,19 @@ fn print_mounted(out: &mut String, st: &Status) {
                 format!("not connected{err}")
             };
             outln!(out, "  {name:<16}  {state}");
+            let n = |k: &str| p[k].as_u64().unwrap_or(0);
+            outln!(
+                out,
+                "  {:<16}  queue {} ({} pending), sent {}, received {}",
+                "",
+                n("queue"),
+                human_bytes(n("queue_bytes")),
+                human_bytes(n("bytes_sent")),
+                human_bytes(n("bytes_received")),
+            );
+            if let Some(e) = p["replication_error"].as_str() {
+                outln!(out, "  {:<16}  replication error: {e}", "");
+            }
         }
     }
     if let Some(counters) = st.stats.as_object() {
@@ -236,5 +249,21 @@ fn print_mounted(out: &mut String, st: &Status) {
         for (key, value) in counters {
             outln!(out, "  {key:<width$}  {value}");
         }
+    }
+}
+
+/// `1536` → `1.5 KiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
