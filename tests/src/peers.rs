@@ -148,7 +148,7 @@ pub struct CliOutput {
 }
 
 impl CliOutput {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "exit {:?}; stdout: {}; stderr: {}",
             self.code,
