@@ -1,25 +1,18 @@
 #!/usr/bin/env bash
-# Mounts a peerfs drive on a ready default, in the foreground: a backing folder, a mount point
-# and a state folder under DIR (default /tmp/peerfs-try), created if missing. Ctrl-C unmounts.
-#   scripts/try.sh [DIR]
+# Builds peerfs and runs `peerfs demo` in the foreground: two peers on this machine, each with its
+# own drive, connected to each other over loopback; it prints where the drives are and commands
+# to try. Ctrl-C unmounts every drive and stops the peers.
+#   scripts/try.sh [DIR] [--peers N]
+# With DIR (`peerfs demo --dir DIR`) the peers' folders are made there and kept; without it they
+# live in a temporary folder under /tmp, removed at exit. Other arguments go to `peerfs demo`.
 set -euo pipefail
+
+if [[ $# -gt 0 && $1 != -* ]]; then
+    dir=$(realpath -m -- "$1") # before the cd below: DIR is relative to the caller's folder
+    shift
+    set -- --dir "$dir" "$@"
+fi
 cd "$(dirname "$0")/.."
 
-dir=${1:-/tmp/peerfs-try}
-mkdir -p "$dir/backing" "$dir/drive" "$dir/state"
-cat > "$dir/peerfs.toml" <<TOML
-# Written by scripts/try.sh; every key is described in docs/CONFIGURATION.md.
-name = "try"
-backing = "backing"
-mountpoint = "drive"
-state = "state"
-TOML
-
 cargo build --release -p peerfs-cli
-echo
-echo "peerfs: serving $dir/backing at $dir/drive (config $dir/peerfs.toml)."
-echo "        Try it from another terminal:  ls -la $dir/drive"
-echo "        Status:                        target/release/peerfs status --config $dir/peerfs.toml"
-echo "        Ctrl-C here unmounts."
-echo
-exec target/release/peerfs mount --config "$dir/peerfs.toml"
+exec target/release/peerfs demo "$@"

@@ -6,6 +6,7 @@
 mod config;
 mod control;
 mod daemon;
+mod demo;
 mod duration;
 mod identity_cmd;
 mod logging;
@@ -87,6 +88,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start N peers on this machine, each with its own drive, connected to each other; shows
+    /// what to try, and unmounts everything on Ctrl-C.
+    Demo {
+        /// How many peers (2 to 8).
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 2,
+            value_parser = clap::value_parser!(u8).range(2..=8)
+        )]
+        peers: u8,
+        /// Where to put them (created if missing, kept afterwards; default: a temporary folder
+        /// under /tmp, removed at exit).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +116,7 @@ fn main() -> ExitCode {
         Command::Locks { config, json } => status::locks_command(&config, json),
         Command::Init { state, name } => identity_cmd::init_command(&state, name.as_deref()),
         Command::Id { state } => identity_cmd::id_command(&state),
+        Command::Demo { peers, dir } => demo::demo_command(peers, dir.as_deref()),
     };
     match result {
         Ok(code) => ExitCode::from(code),
