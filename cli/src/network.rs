@@ -96,6 +96,7 @@ impl Network {
         );
         let repl_cfg = engine::Config {
             backing: cfg.backing.clone(),
+            state: cfg.state.clone(),
             me,
             peers: cfg.peers.iter().map(|p| (p.id, p.name.clone())).collect(),
             owners: true, // TODO(config)
@@ -434,6 +435,14 @@ impl Applied for DriveCaches {
     fn renamed(&self, from: &RelPath, to: &RelPath) {
         if let Some(v) = self.0.upgrade() {
             v.remote_renamed(from, to);
+        }
+    }
+    fn gate(&self, path: &RelPath, ino: u64) -> bool {
+        self.0.upgrade().is_none_or(|v| v.remote_gate(path, ino))
+    }
+    fn ungate(&self, ino: u64) {
+        if let Some(v) = self.0.upgrade() {
+            v.remote_ungate(ino);
         }
     }
 }

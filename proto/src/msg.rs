@@ -131,6 +131,9 @@ pub enum ReplMsg {
         content_hash: Hash,
         meta: Meta,
         fence: Option<u64>,
+        /// Every copy keeps its offset (overwrites, appends, truncations): the receiver may
+        /// patch its file in place instead of rebuilding it.
+        aligned: bool,
     },
     /// Bytes of the base version at `from_offset` (whole base chunks).
     Copy {

@@ -59,6 +59,12 @@ pub trait Applied: Send + Sync {
     fn removed(&self, path: &RelPath);
     /// `from` was renamed to `to`.
     fn renamed(&self, from: &RelPath, to: &RelPath);
+    /// Asks to patch the file at `path` (inode `ino`) in place: true if no one has it open,
+    /// and then new opens wait until [`Applied::ungate`].
+    fn gate(&self, _path: &RelPath, _ino: u64) -> bool {
+        true
+    }
+    fn ungate(&self, _ino: u64) {}
 }
 
 /// The network, as the replicator needs it.
@@ -71,6 +77,8 @@ pub trait Transport: Send + Sync {
 #[derive(Clone)]
 pub struct Config {
     pub backing: PathBuf,
+    /// The state folder (journals of in-place updates live in `state/journal`).
+    pub state: PathBuf,
     pub me: PeerId,
     /// Every configured peer and its name.
     pub peers: Vec<(PeerId, String)>,
@@ -295,6 +303,10 @@ impl Replicator {
             waiters: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
+        let replayed = crate::patch::replay_all(&inner.journal_dir(), inner.root());
+        if replayed > 0 {
+            tracing::info!(replayed, "finished in-place updates a crash interrupted");
+        }
         sweep_tmp(&inner.cfg.backing);
         for (i, p) in inner.peers.iter().enumerate() {
             let me = inner.clone();
@@ -484,6 +496,10 @@ impl Inner {
 
     fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
+    }
+
+    fn journal_dir(&self) -> PathBuf {
+        self.cfg.state.join("journal")
     }
 
     /// Appends a record to every peer's queue; returns (peer index, seq) of connected peers.
@@ -1193,6 +1209,7 @@ impl Inner {
                 content_hash: *new.content_hash(),
                 meta,
                 fence,
+                aligned: aligned(&delta),
             },
             true,
         )?;
@@ -1421,6 +1438,8 @@ struct Transfer {
     reported: u64,
     conflict: bool,
     failed: Option<AckOutcome>,
+    /// Patch mode: the changed bytes go to a journal, applied in place at the end.
+    journal: Option<crate::patch::Journal>,
 }
 
 impl Drop for Transfer {
@@ -1428,6 +1447,9 @@ impl Drop for Transfer {
         if let Some((_, name)) = self.tmp.take() {
             // SAFETY: unlinkat on our own directory descriptor.
             unsafe { libc::unlinkat(self.dir.as_raw_fd(), name.as_ptr(), 0) };
+        }
+        if let Some(j) = self.journal.take() {
+            j.discard();
         }
     }
 }
@@ -1495,8 +1517,9 @@ impl Inner {
                     size,
                     content_hash,
                     meta,
+                    aligned,
                     ..
-                } => match self.begin(&p, seq, path, base, size, content_hash, meta) {
+                } => match self.begin(&p, seq, path, base, size, content_hash, meta, aligned) {
                     Ok(t) => cur = Some(t),
                     Err(outcome) => {
                         ack(seq, outcome);
@@ -1598,6 +1621,7 @@ impl Inner {
         size: u64,
         content_hash: Hash,
         meta: Meta,
+        aligned: bool,
     ) -> Result<Transfer, AckOutcome> {
         if path.is_root() {
             return Err(AckOutcome::Failed {
@@ -1631,6 +1655,7 @@ impl Inner {
                 reported: 0,
                 conflict: false,
                 failed: None,
+                journal: None,
             });
         }
         match (base, have_hash) {
@@ -1642,6 +1667,40 @@ impl Inner {
             (None, Some(_)) => {
                 // A new file of the sender's where this server has another one: keep both.
                 conflict = true;
+            }
+        }
+        if aligned && !conflict {
+            if let Some((bf, bm)) = have {
+                // Overwrites, appends, truncations: journal the new bytes, patch in place.
+                let ino = fstat(&bf).map_err(|e| failed(&e))?.st_ino;
+                let journal = crate::patch::Journal::create(
+                    &self.journal_dir(),
+                    &path,
+                    ino,
+                    size,
+                    content_hash,
+                )
+                .map_err(|e| failed(&e))?;
+                return Ok(Transfer {
+                    seq,
+                    path,
+                    dir,
+                    name,
+                    tmp: None,
+                    base: Some((bf, bm)),
+                    cloned: false,
+                    at: 0,
+                    chunks: Vec::new(),
+                    part: Vec::new(),
+                    size,
+                    content_hash,
+                    meta,
+                    received: 0,
+                    reported: 0,
+                    conflict: false,
+                    failed: None,
+                    journal: Some(journal),
+                });
             }
         }
         let tmp_name = CString::new(format!(
@@ -1684,6 +1743,7 @@ impl Inner {
             reported: 0,
             conflict,
             failed: None,
+            journal: None,
         })
     }
 
@@ -1692,6 +1752,9 @@ impl Inner {
             return f;
         }
         let r = (|| -> io::Result<AckOutcome> {
+            if let Some(journal) = t.journal.take() {
+                return self.finish_patch(p, &mut t, journal);
+            }
             let Some((tmp, tmp_name)) = t.tmp.take() else {
                 // Metadata only: the content is already here.
                 if let Some((file, m)) = &t.base {
@@ -1776,6 +1839,106 @@ impl Inner {
                 failed(&e)
             }
         }
+    }
+
+    /// Ends a patch-mode transfer: verify, commit the journal, patch the file in place (or, if
+    /// someone has it open, rebuild it beside and rename), fsync, drop the journal.
+    fn finish_patch(
+        &self,
+        p: &Peer,
+        t: &mut Transfer,
+        mut journal: crate::patch::Journal,
+    ) -> io::Result<AckOutcome> {
+        if t.at != t.size || !t.part.is_empty() {
+            journal.discard();
+            return Ok(AckOutcome::Failed {
+                error: format!("incomplete transfer: {} of {} bytes", t.at, t.size),
+                retry: true,
+            });
+        }
+        let m = Manifest::from_chunks(std::mem::take(&mut t.chunks));
+        if *m.content_hash() != t.content_hash || m.size() != t.size {
+            journal.discard();
+            return Ok(AckOutcome::Failed {
+                error: "the rebuilt file does not match the sender's content hash".into(),
+                retry: true,
+            });
+        }
+        let Some((base, _)) = t.base.as_ref() else {
+            journal.discard();
+            return Err(ioerr("a patch without a base"));
+        };
+        let ino = fstat(base)?.st_ino;
+        let target = File::from(openat2_beneath(
+            t.dir.as_fd(),
+            &t.name,
+            libc::O_WRONLY | libc::O_NOFOLLOW,
+            0,
+        )?);
+        if fstat(&target)?.st_ino != ino {
+            journal.discard();
+            return Ok(AckOutcome::Failed {
+                error: "the file was replaced during the transfer".into(),
+                retry: true,
+            });
+        }
+        journal.commit()?;
+        let applied = self.applied();
+        let gated = applied.as_ref().is_none_or(|a| a.gate(&t.path, ino));
+        if gated {
+            let r = (|| {
+                journal.apply_to(&target)?;
+                apply_meta(target.as_fd(), &t.meta, self.cfg.owners, false)?;
+                target.sync_all()
+            })();
+            if let Some(a) = &applied {
+                a.ungate(ino);
+            }
+            if let Err(e) = r {
+                // The journal stays committed: the next start finishes the patch.
+                std::mem::forget(journal);
+                return Err(e);
+            }
+            journal.remove();
+            self.note_received(p, &t.path, &m, base)?;
+        } else {
+            // Someone has the file open: rebuild beside it from the base plus the journal,
+            // and rename, so readers keep the old version.
+            let tmp_name = CString::new(format!(
+                "{TMP_PREFIX}{}-{}",
+                std::process::id(),
+                TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ))
+            .map_err(ioerr)?;
+            let tmp = File::from(openat2_beneath(
+                t.dir.as_fd(),
+                &tmp_name,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                0o600,
+            )?);
+            let guard = TmpName {
+                dir: t.dir.as_raw_fd(),
+                name: Some(tmp_name.clone()),
+            };
+            // SAFETY: FICLONE between two descriptors we own.
+            let cloned =
+                unsafe { libc::ioctl(tmp.as_raw_fd(), libc::FICLONE, base.as_raw_fd()) == 0 };
+            if !cloned {
+                copy_all(base, &tmp, fstat(base)?.st_size as u64)?;
+            }
+            journal.apply_to(&tmp)?;
+            apply_meta(tmp.as_fd(), &t.meta, self.cfg.owners, false)?;
+            tmp.sync_all()?;
+            renameat(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &t.name)?;
+            std::mem::forget(guard);
+            fsync_dir(t.dir.as_fd());
+            journal.remove();
+            self.note_received(p, &t.path, &m, &tmp)?;
+        }
+        if let Some(a) = applied {
+            a.changed(&t.path);
+        }
+        Ok(AckOutcome::Applied)
     }
 
     /// Records that this server holds manifest `m` at `path`, received from `p` (which holds it
@@ -2022,8 +2185,11 @@ impl Transfer {
     }
 
     fn copy(&mut self, from: u64, len: u64) -> io::Result<()> {
-        if self.tmp.is_none() {
+        if self.tmp.is_none() && self.journal.is_none() {
             return Ok(());
+        }
+        if self.journal.is_some() && from != self.at {
+            return Err(ioerr("an unaligned copy in an in-place update"));
         }
         let Some((base, bm)) = &self.base else {
             return Err(ioerr("a copy without a base version"));
@@ -2049,7 +2215,7 @@ impl Transfer {
         if at != from + len {
             return Err(ioerr("a copy does not cover whole base chunks"));
         }
-        if !(self.cloned && from == self.at) {
+        if self.journal.is_none() && !(self.cloned && from == self.at) {
             let tmp = self.tmp()?;
             copy_range(base, from, tmp, self.at, len)?;
         }
@@ -2058,7 +2224,7 @@ impl Transfer {
     }
 
     fn data(&mut self, hash: Option<Hash>, bytes: &[u8]) -> io::Result<()> {
-        if self.tmp.is_none() {
+        if self.tmp.is_none() && self.journal.is_none() {
             return Ok(());
         }
         if self.part.len() + bytes.len() > MAX_SIZE as usize {
@@ -2073,7 +2239,10 @@ impl Transfer {
             return Err(ioerr("more data than the announced size"));
         }
         let part = std::mem::take(&mut self.part);
-        self.tmp()?.write_all_at(&part, self.at)?;
+        match self.journal.as_mut() {
+            Some(j) => j.piece(self.at, &part)?,
+            None => self.tmp()?.write_all_at(&part, self.at)?,
+        }
         self.chunks.push(ChunkRef {
             offset: self.at,
             len: part.len() as u32,
@@ -2097,6 +2266,23 @@ impl Drop for TmpName {
             unsafe { libc::unlinkat(self.dir, n.as_ptr(), 0) };
         }
     }
+}
+
+/// Whether every copy of `delta` keeps its offset (the receiver may patch in place).
+fn aligned(delta: &Delta) -> bool {
+    let mut at = 0u64;
+    for op in &delta.ops {
+        match op {
+            Op::Copy { from_offset, len } => {
+                if *from_offset != at {
+                    return false;
+                }
+                at += len;
+            }
+            Op::Data { len, .. } => at += u64::from(*len),
+        }
+    }
+    true
 }
 
 fn is_gone(e: &io::Error) -> bool {
@@ -2188,6 +2374,17 @@ fn copy_slow(
 
 fn copy_all(src: &File, dst: &File, len: u64) -> io::Result<()> {
     copy_range(src, 0, dst, 0, len)
+}
+
+fn fstat(f: &File) -> io::Result<libc::stat> {
+    // SAFETY: zeroed stat buffer filled by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and buffer.
+    if unsafe { libc::fstat(f.as_raw_fd(), &mut st) } == 0 {
+        Ok(st)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn renameat(d1: BorrowedFd<'_>, n1: &CStr, d2: BorrowedFd<'_>, n2: &CStr) -> io::Result<()> {

@@ -14,6 +14,7 @@ pub mod delta;
 pub mod engine;
 pub mod manifest;
 pub mod meta;
+pub mod patch;
 pub mod store;
 pub mod trash;
 

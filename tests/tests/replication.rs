@@ -224,3 +224,36 @@ fn an_offline_peer_catches_up_in_order() {
     let _ = C;
     let _ = PeersOptions::default();
 }
+
+#[test]
+fn overwrites_are_patched_in_place_unless_a_reader_has_the_file_open() {
+    let p = Peers::start(2);
+    let mut data = pseudo_random(4 << 20, 11);
+    fs::write(p.file(A, "doc.bin"), &data).expect("write");
+    wait_content(&p, B, "doc.bin", &data);
+    let ino = |p: &Peers| fs::metadata(p.backing_file(B, "doc.bin")).expect("stat").ino();
+    let before = ino(&p);
+    // No one has it open on B: the overwrite is patched into the same file (O(edit)).
+    {
+        let f = OpenOptions::new().write(true).open(p.file(A, "doc.bin")).expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, b"PATCH", 1 << 20).expect("pwrite");
+    }
+    data[1 << 20..(1 << 20) + 5].copy_from_slice(b"PATCH");
+    wait_content(&p, B, "doc.bin", &data);
+    assert_eq!(ino(&p), before, "an in-place update keeps the inode");
+
+    // A reader on B holds the file open: it keeps reading the version it opened.
+    let reader = fs::File::open(p.file(B, "doc.bin")).expect("open on b");
+    p.wait_unlocked("doc.bin", SYNC);
+    let old = data.clone();
+    {
+        let f = OpenOptions::new().write(true).open(p.file(A, "doc.bin")).expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, b"AGAIN", 2 << 20).expect("pwrite");
+    }
+    data[2 << 20..(2 << 20) + 5].copy_from_slice(b"AGAIN");
+    wait_content(&p, B, "doc.bin", &data);
+    let mut seen = Vec::new();
+    (&reader).read_to_end(&mut seen).expect("read old");
+    assert!(seen == old, "the open reader saw a changed file");
+    assert_ne!(ino(&p), before, "with a reader, the update is renamed into place");
+}

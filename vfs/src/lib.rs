@@ -388,6 +388,9 @@ pub struct Vfs {
     locks: std::sync::OnceLock<Arc<dyn Locks>>,
     replicator: std::sync::OnceLock<Arc<dyn Replicate>>,
     dirty: Mutex<HashMap<NodeId, Dirty>>,
+    /// Files a peer's update is patching in place: their opens wait (see [`Vfs::remote_gate`]).
+    patching: Mutex<std::collections::HashSet<NodeId>>,
+    patched: parking_lot::Condvar,
     /// Write opens of files at least this big are served by the drive (not kernel
     /// passthrough), so their written ranges are known and a small edit costs a small delta.
     track_min_size: u64,
@@ -435,6 +438,8 @@ impl Vfs {
             locks: std::sync::OnceLock::new(),
             replicator: std::sync::OnceLock::new(),
             dirty: Mutex::new(HashMap::new()),
+            patching: Mutex::new(std::collections::HashSet::new()),
+            patched: parking_lot::Condvar::new(),
             track_min_size: cfg.track_min_size,
             excludes: cfg.excludes,
         })
@@ -591,6 +596,22 @@ impl Vfs {
         }
         inv.entry(pnode, name);
         inv.inode(pnode);
+    }
+
+    /// A peer's update wants to patch the file `ino` (at `path`) in place: granted when no
+    /// handle of the drive has it open; new opens then wait until [`Vfs::remote_ungate`].
+    pub fn remote_gate(&self, _path: &RelPath, ino: u64) -> bool {
+        let mut patching = self.patching.lock();
+        if self.files.read().values().any(|h| h.node == ino) {
+            return false;
+        }
+        patching.insert(ino);
+        true
+    }
+
+    pub fn remote_ungate(&self, ino: u64) {
+        self.patching.lock().remove(&ino);
+        self.patched.notify_all();
     }
 
     /// A peer removed `path`.
@@ -1227,6 +1248,13 @@ impl Vfs {
 
     fn add_file(&self, fd: OwnedFd, node: NodeId, lock: Option<RelPath>, writes: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // A peer's update is patching this file in place: the open completes after it, so the
+        // caller reads the old or the new version, never a mix. (Checked and inserted under
+        // the same lock `remote_gate` takes, so no open slips in between.)
+        let mut patching = self.patching.lock();
+        while patching.contains(&node) {
+            self.patched.wait(&mut patching);
+        }
         self.files.write().insert(
             fh,
             Arc::new(FileHandle {
