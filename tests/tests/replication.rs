@@ -231,11 +231,18 @@ fn overwrites_are_patched_in_place_unless_a_reader_has_the_file_open() {
     let mut data = pseudo_random(4 << 20, 11);
     fs::write(p.file(A, "doc.bin"), &data).expect("write");
     wait_content(&p, B, "doc.bin", &data);
-    let ino = |p: &Peers| fs::metadata(p.backing_file(B, "doc.bin")).expect("stat").ino();
+    let ino = |p: &Peers| {
+        fs::metadata(p.backing_file(B, "doc.bin"))
+            .expect("stat")
+            .ino()
+    };
     let before = ino(&p);
     // No one has it open on B: the overwrite is patched into the same file (O(edit)).
     {
-        let f = OpenOptions::new().write(true).open(p.file(A, "doc.bin")).expect("open");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(p.file(A, "doc.bin"))
+            .expect("open");
         std::os::unix::fs::FileExt::write_all_at(&f, b"PATCH", 1 << 20).expect("pwrite");
     }
     data[1 << 20..(1 << 20) + 5].copy_from_slice(b"PATCH");
@@ -247,7 +254,10 @@ fn overwrites_are_patched_in_place_unless_a_reader_has_the_file_open() {
     p.wait_unlocked("doc.bin", SYNC);
     let old = data.clone();
     {
-        let f = OpenOptions::new().write(true).open(p.file(A, "doc.bin")).expect("open");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(p.file(A, "doc.bin"))
+            .expect("open");
         std::os::unix::fs::FileExt::write_all_at(&f, b"AGAIN", 2 << 20).expect("pwrite");
     }
     data[2 << 20..(2 << 20) + 5].copy_from_slice(b"AGAIN");
@@ -255,5 +265,77 @@ fn overwrites_are_patched_in_place_unless_a_reader_has_the_file_open() {
     let mut seen = Vec::new();
     (&reader).read_to_end(&mut seen).expect("read old");
     assert!(seen == old, "the open reader saw a changed file");
-    assert_ne!(ino(&p), before, "with a reader, the update is renamed into place");
+    assert_ne!(
+        ino(&p),
+        before,
+        "with a reader, the update is renamed into place"
+    );
+}
+
+fn chattr(flag: &str, path: &Path) {
+    let st = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .expect("run chattr");
+    assert!(st.success(), "chattr {flag} {}", path.display());
+}
+
+/// Restores a file's mutability even if the test fails half way.
+struct Mutable(std::path::PathBuf);
+
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_failing_target_is_retried_reported_and_left_intact() {
+    let p = Peers::start(2);
+    fs::write(p.file(A, "doc.txt"), b"version 1").expect("write");
+    wait_content(&p, B, "doc.txt", b"version 1");
+    p.wait_unlocked("doc.txt", SYNC);
+    // B's copy cannot be changed (EPERM even for root): the update must fail, be reported,
+    // leave version 1 intact, and be retried until it works.
+    let target = p.backing_file(B, "doc.txt");
+    chattr("+i", &target);
+    let guard = Mutable(target.clone());
+    fs::write(p.file(A, "doc.txt"), b"version 2, longer").expect("rewrite");
+    wait_until("A reports the failure for B", SYNC, || {
+        let st = p.status(A)?;
+        let peers = st["peers"].as_array().cloned().unwrap_or_default();
+        peers
+            .iter()
+            .find_map(|x| x["replication_error"].as_str().map(str::to_string))
+            .ok_or_else(|| format!("{peers:?}"))
+    });
+    assert_eq!(read(&p.file(B, "doc.txt")).expect("read b"), b"version 1");
+    let queued = p.status(A).expect("status")["peers"][0]["queue"].as_u64();
+    assert!(queued >= Some(1), "the change is still queued: {queued:?}");
+    drop(guard);
+    wait_content(&p, B, "doc.txt", b"version 2, longer");
+}
+
+#[test]
+fn a_killed_sender_resumes_its_queue() {
+    let mut p = Peers::start(2);
+    fs::write(p.file(A, "base.txt"), b"base").expect("write");
+    wait_content(&p, B, "base.txt", b"base");
+    p.stop(B);
+    fs::write(p.file(A, "queued-1.txt"), b"one").expect("write");
+    fs::create_dir(p.file(A, "queued-dir")).expect("mkdir");
+    fs::write(p.file(A, "queued-dir/two.txt"), b"two").expect("write");
+    // close() returns before the kernel's asynchronous RELEASE, which is when the change is
+    // recorded: wait until the lock went (it goes after the release).
+    p.wait_unlocked("queued-dir/two.txt", SYNC);
+    // A dies without any clean shutdown; its queue for B is on disk.
+    p.kill9(A);
+    p.restart(A);
+    p.restart(B);
+    wait_content(&p, B, "queued-1.txt", b"one");
+    wait_content(&p, B, "queued-dir/two.txt", b"two");
 }
