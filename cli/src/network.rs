@@ -392,16 +392,16 @@ impl Replicate for DriveChanges {
         let held = match &change {
             Change::Content { path, .. } if self.locks.holder_of(path) == Some(self.locks.me()) => {
                 // Already held here: this only adds a reference, without a round trip.
-                self.locks.acquire_blocking(path).ok().map(|_| path.clone())
+                self.locks
+                    .acquire_blocking(path)
+                    .ok()
+                    .map(|h| (path.clone(), h.fencing))
             }
             _ => None,
         };
+        let fence = held.as_ref().map(|(_, f)| *f);
         let local = match change {
-            Change::Content { path, dirty } => LocalChange::Content {
-                path,
-                dirty,
-                fence: None,
-            },
+            Change::Content { path, dirty } => LocalChange::Content { path, dirty, fence },
             Change::Meta { path } => LocalChange::Meta { path },
             Change::Mkdir { path } => LocalChange::Mkdir { path },
             Change::Symlink { path } => LocalChange::Symlink { path },
@@ -410,7 +410,7 @@ impl Replicate for DriveChanges {
             Change::Rename { from, to } => LocalChange::Rename { from, to },
         };
         let targets = self.repl.local(local);
-        if let Some(path) = held {
+        if let Some((path, _)) = held {
             let locks = Arc::clone(&self.locks);
             self.repl
                 .when_delivered(targets, Box::new(move || locks.release(&path)));

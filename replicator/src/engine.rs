@@ -216,6 +216,9 @@ struct Inner {
     trash: TrashFn,
     /// Removals held back while a save may put a new file at the name.
     held: Mutex<HashMap<RelPath, Instant>>,
+    /// Highest fencing token seen per name in updates from peers: an update under an older
+    /// token comes from a writer whose lease expired and is kept only as a conflict copy.
+    fences: Mutex<HashMap<RelPath, u64>>,
     waiters: Mutex<Vec<Waiter>>,
     stop: AtomicBool,
 }
@@ -300,6 +303,7 @@ impl Replicator {
             applied: Mutex::new(None),
             trash,
             held: Mutex::new(HashMap::new()),
+            fences: Mutex::new(HashMap::new()),
             waiters: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -1518,8 +1522,19 @@ impl Inner {
                     content_hash,
                     meta,
                     aligned,
+                    fence,
                     ..
-                } => match self.begin(&p, seq, path, base, size, content_hash, meta, aligned) {
+                } => match self.begin(
+                    &p,
+                    seq,
+                    path,
+                    base,
+                    size,
+                    content_hash,
+                    meta,
+                    aligned,
+                    fence,
+                ) {
                     Ok(t) => cur = Some(t),
                     Err(outcome) => {
                         ack(seq, outcome);
@@ -1622,6 +1637,7 @@ impl Inner {
         content_hash: Hash,
         meta: Meta,
         aligned: bool,
+        fence: Option<u64>,
     ) -> Result<Transfer, AckOutcome> {
         if path.is_root() {
             return Err(AckOutcome::Failed {
@@ -1658,7 +1674,18 @@ impl Inner {
                 journal: None,
             });
         }
+        if let Some(f) = fence {
+            let mut fences = self.fences.lock();
+            let seen = fences.entry(path.clone()).or_insert(0);
+            if f < *seen {
+                tracing::warn!(path = %path, peer = %p.name, fence = f, seen = *seen, "replication: an update from a writer whose lock expired; kept as a conflict copy");
+                conflict = true;
+            } else {
+                *seen = f;
+            }
+        }
         match (base, have_hash) {
+            _ if conflict && (base.is_none() || base == have_hash) => {}
             (Some(b), Some(h)) if b == h => {}
             (Some(_), other) => {
                 return Err(AckOutcome::BaseMismatch { have: other });
@@ -1717,7 +1744,12 @@ impl Inner {
         )
         .map_err(|e| failed(&e))?;
         let tmp = File::from(tmp);
-        let base = if conflict { None } else { have };
+        // Copies come from the receiver's file when it is the transfer's base.
+        let base = if base.is_some() && base == have_hash {
+            have
+        } else {
+            None
+        };
         // Where the filesystem can share extents (XFS, btrfs), start from a clone of the base:
         // unchanged chunks then cost nothing.
         let cloned = base.as_ref().is_some_and(|(bf, _)| {
