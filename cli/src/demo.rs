@@ -606,9 +606,10 @@ impl Demo {
              \x20      echo x > {b_notes}\n\
              \x20 3. Close it on a; a second later b may write it:\n\
              \x20      exec 3>&-\n\
-             \x20 4. Replication: write on a, read on b (being built: until it lands, each drive\n\
-             \x20    shows only its own files):\n\
-             \x20      echo hello > {a_hello} && cat {b_hello}\n\
+             \x20 4. Replication: a file written on a appears on b a moment after it is closed:\n\
+             \x20      echo hello > {a_hello} && sleep 0.5 && cat {b_hello}\n\
+             \x20    Deleted on b, it goes to a's trash:\n\
+             \x20      rm {b_hello} && sleep 2 && {exe} trash list --config {a_config}\n\
              \x20 Who holds which lock, and the peers' state:\n\
              \x20      {exe} locks --config {a_config}\n\
              \x20      {exe} status --config {a_config}\n\

@@ -318,7 +318,6 @@ fn demo_runs_two_locking_peers_and_stops_cleanly_on_ctrl_c() {
 }
 
 #[test]
-#[ignore = "needs replication (issue 8)"]
 fn demo_replicates_a_new_file_from_a_to_b() {
     if !can_mount_fuse() {
         return;
