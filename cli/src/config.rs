@@ -51,6 +51,8 @@ struct RawConfig {
     network: RawNetwork,
     #[serde(default)]
     files: RawFiles,
+    #[serde(default)]
+    trash: RawTrash,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +91,12 @@ struct RawFiles {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTrash {
+    retention: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawDrive {
     allow_other: Option<bool>,
     threads: Option<usize>,
@@ -114,6 +122,7 @@ pub struct Config {
     pub locks: LocksConfig,
     pub network: NetworkConfig,
     pub files: FilesConfig,
+    pub trash: TrashConfig,
 }
 
 /// One `[[peers]]` entry.
@@ -175,6 +184,21 @@ impl Default for NetworkConfig {
 pub struct FilesConfig {
     pub exclude: Vec<String>,
     pub include: Vec<String>,
+}
+
+/// The `[trash]` table: what peers' deletions and replaces leave in `STATE/trash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrashConfig {
+    /// Entries older than this are deleted for good.
+    pub retention: Duration,
+}
+
+impl Default for TrashConfig {
+    fn default() -> Self {
+        TrashConfig {
+            retention: peerfs_replicator::trash::DEFAULT_RETENTION,
+        }
+    }
 }
 
 /// The `[drive]` table: FUSE tuning handed to `peerfs_fs_linux::MountOptions`.
@@ -346,6 +370,18 @@ impl Config {
         };
         peerfs_vfs::exclude::Excludes::new(&files.exclude, &files.include)
             .map_err(|e| bad(format!("files: {e}")))?;
+        let trash = TrashConfig {
+            retention: dur(
+                "trash.retention",
+                raw.trash.retention,
+                TrashConfig::default().retention,
+            )?,
+        };
+        if trash.retention.is_zero() {
+            return Err(bad(
+                "trash.retention: must be more than 0 (deleted files would be lost at once)".into(),
+            ));
+        }
 
         Ok(Config {
             file: file.to_path_buf(),
@@ -360,6 +396,7 @@ impl Config {
             locks,
             network,
             files,
+            trash,
         })
     }
 
@@ -680,6 +717,7 @@ state = "./state/a/"
         assert_eq!(c.listen, None);
         assert!(c.peers.is_empty());
         assert_eq!(c.drive, DriveConfig::default());
+        assert_eq!(c.trash.retention, Duration::from_secs(30 * 86_400));
         assert_eq!(
             c.control_socket(),
             Path::new("/etc/peerfs/state/a/control.sock")
@@ -695,7 +733,8 @@ state = "./state/a/"
              [drive]\nallow_other = false\nthreads = 8\npassthrough = false\ncache_ttl = \"500ms\"\n\
              [locks]\npolicy = \"strict\"\nlinger = \"2s\"\ngrace = \"5s\"\ntimeout = \"800ms\"\n\
              [network]\nheartbeat = \"250ms\"\ndead_after = \"2s\"\n\
-             [files]\nexclude = [\"*.bak\"]\ninclude = [\"keep.tmp\"]\n"
+             [files]\nexclude = [\"*.bak\"]\ninclude = [\"keep.tmp\"]\n\
+             [trash]\nretention = \"7d12h\"\n"
         );
         let c = parse(&text).expect("parses");
         assert_eq!(c.listen.as_deref(), Some("0.0.0.0:7333"));
@@ -717,6 +756,10 @@ state = "./state/a/"
         );
         assert_eq!(c.network.heartbeat, Duration::from_millis(250));
         assert_eq!(c.files.exclude, vec!["*.bak".to_string()]);
+        assert_eq!(
+            c.trash.retention,
+            Duration::from_secs(7 * 86_400 + 12 * 3600)
+        );
         assert!(c.networked());
         assert_eq!(
             c.drive,
@@ -746,6 +789,8 @@ state = "./state/a/"
             "{MINIMAL}[[peers]]\nname = \"b\"\nid = \"x\"\naddress = \"b\"\nport = 1\n"
         ));
         assert!(s.contains("`port`"), "{s}");
+        let s = err_of(&format!("{MINIMAL}[trash]\nretention = \"1d\"\nkeep = 3\n"));
+        assert!(s.contains("`keep`") && s.contains("line 8"), "{s}");
     }
 
     #[test]
@@ -778,6 +823,12 @@ state = "./state/a/"
             ),
             ("[files]\nexclude = [\"a[\"]\n", "files"),
             ("[locks]\nbogus = 1\n", "bogus"),
+            (
+                "[trash]\nretention = \"0d\"\n",
+                "trash.retention: must be more than 0",
+            ),
+            ("[trash]\nretention = 30\n", "write it with a unit"),
+            ("[trash]\nretention = \"30 days\"\n", "trash.retention"),
             (
                 "[[peers]]\nname = \"b\"\nid = \"not-an-id\"\naddress = \"b\"\n",
                 "peerfs id",

@@ -3,9 +3,10 @@
 //!
 //! One request per connection: the client sends one JSON object on one line, the daemon answers
 //! one JSON object on one line and closes. Both carry `"v"`, the protocol version; a daemon
-//! refuses a request with a newer version than it speaks. Commands today: `status`. Later issues
-//! add commands (peers, locks) as new `cmd` values and new optional fields in [`Response`], which
-//! older clients ignore.
+//! refuses a request with a newer version than it speaks. Commands today: `status`, `locks` and
+//! `trash-restore` (`{"v":1,"cmd":"trash-restore","path":"docs/a.txt","id":null}`). Later issues
+//! add commands as new `cmd` values and new optional fields in [`Request`] and [`Response`],
+//! which older peers ignore.
 //!
 //! The server never calls into the mount (that would deadlock against the kernel when the drive
 //! is busy or hung); it reads counters from the `Vfs` in memory.
@@ -18,6 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use peerfs_proto::RelPath;
 
 use crate::config::DriveConfig;
 
@@ -42,20 +45,37 @@ pub struct Request {
     #[serde(default = "v1")]
     pub v: u32,
     pub cmd: String,
+    /// `trash-restore`: the path in the drive to bring back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `trash-restore`: the trash entry to take it from (default: the newest holding `path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl Request {
-    pub fn status() -> Request {
+    fn plain(cmd: &str) -> Request {
         Request {
             v: PROTOCOL_VERSION,
-            cmd: "status".into(),
+            cmd: cmd.into(),
+            path: None,
+            id: None,
         }
     }
 
+    pub fn status() -> Request {
+        Request::plain("status")
+    }
+
     pub fn locks() -> Request {
+        Request::plain("locks")
+    }
+
+    pub fn trash_restore(path: String, id: Option<String>) -> Request {
         Request {
-            v: PROTOCOL_VERSION,
-            cmd: "locks".into(),
+            path: Some(path),
+            id,
+            ..Request::plain("trash-restore")
         }
     }
 }
@@ -72,16 +92,28 @@ pub struct Response {
     /// The answer to `locks`: `[{"path","holder","holder_id","since","fencing","local",...}]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locks: Option<serde_json::Value>,
+    /// The answer to `trash-restore`: `{"entry":{"id","path","deleted_at",...},"restored_to"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<serde_json::Value>,
 }
 
 impl Response {
-    fn error(msg: impl Into<String>) -> Response {
+    fn ok() -> Response {
         Response {
             v: PROTOCOL_VERSION,
-            ok: false,
-            error: Some(msg.into()),
+            ok: true,
+            error: None,
             status: None,
             locks: None,
+            restored: None,
+        }
+    }
+
+    fn error(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            ..Response::ok()
         }
     }
 }
@@ -147,6 +179,12 @@ pub struct DaemonInfo {
 /// Produces a JSON value on demand (counters, peers, locks).
 pub type Source = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Restores `path` (from trash entry `id`, or the newest holding it) into the drive and
+/// describes what it did (`peerfs_replicator::trash::Restored` as JSON), or says why not in
+/// one line. Installed by the daemon so that a restore also replicates.
+pub type TrashRestore =
+    Arc<dyn Fn(&RelPath, Option<&str>) -> Result<serde_json::Value, String> + Send + Sync>;
+
 /// Where the daemon's live answers come from.
 #[derive(Clone)]
 pub struct Sources {
@@ -156,6 +194,8 @@ pub struct Sources {
     pub peers: Option<Source>,
     /// The locks this server holds and knows of (an array); None without networking.
     pub locks: Option<Source>,
+    /// `trash-restore`; None: the daemon answers that it cannot restore.
+    pub trash_restore: Option<TrashRestore>,
 }
 
 /// Binds the socket (the caller removed any stale one) and restricts it to its owner: the
@@ -217,25 +257,44 @@ fn answer(line: &str, info: &DaemonInfo, sources: &Sources) -> Response {
     }
     match req.cmd.as_str() {
         "status" => Response {
-            v: PROTOCOL_VERSION,
-            ok: true,
-            error: None,
             status: Some(status_of(info, sources)),
-            locks: None,
+            ..Response::ok()
         },
         "locks" => Response {
-            v: PROTOCOL_VERSION,
-            ok: true,
-            error: None,
-            status: None,
             locks: Some(
                 sources
                     .locks
                     .as_ref()
                     .map_or_else(|| serde_json::json!([]), |f| f()),
             ),
+            ..Response::ok()
         },
+        "trash-restore" => trash_restore(&req, sources),
         other => Response::error(format!("unknown command {other:?}")),
+    }
+}
+
+fn trash_restore(req: &Request, sources: &Sources) -> Response {
+    let Some(path) = req.path.as_deref() else {
+        return Response::error("trash-restore needs a \"path\"");
+    };
+    let rel = match RelPath::new(path.as_bytes()) {
+        Ok(rel) if !rel.is_root() => rel,
+        Ok(_) => return Response::error("trash-restore: the path names the drive's root"),
+        Err(e) => return Response::error(format!("trash-restore: path {path:?}: {e}")),
+    };
+    let Some(restore) = sources.trash_restore.as_ref() else {
+        return Response::error(
+            "this daemon cannot restore from the trash; unmount the drive and run \
+             `peerfs trash restore` again to restore into the backing folder",
+        );
+    };
+    match restore(&rel, req.id.as_deref()) {
+        Ok(restored) => Response {
+            restored: Some(restored),
+            ..Response::ok()
+        },
+        Err(why) => Response::error(why),
     }
 }
 
@@ -290,6 +349,15 @@ impl std::fmt::Display for ClientError {
 
 /// Sends one request and returns the daemon's response.
 pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    request_with_timeout(path, req, CLIENT_TIMEOUT)
+}
+
+/// [`request`] for commands that may take long (a restore that copies across filesystems).
+pub fn request_with_timeout(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let stream = UnixStream::connect(path).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ECONNREFUSED) | Some(libc::ENOTSOCK) => {
             ClientError::NoDaemon(e)
@@ -298,10 +366,8 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
     })?;
     let bad =
         |e: io::Error| ClientError::BadAnswer(format!("control socket {}: {e}", path.display()));
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(bad)?;
-    stream
-        .set_write_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(bad)?;
+    stream.set_read_timeout(Some(timeout)).map_err(bad)?;
+    stream.set_write_timeout(Some(timeout)).map_err(bad)?;
     let mut line = serde_json::to_vec(req).map_err(|e| bad(io::Error::other(e)))?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(bad)?;
@@ -316,10 +382,7 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
             ) {
                 bad(io::Error::new(
                     e.kind(),
-                    format!(
-                        "the daemon did not answer within {}s",
-                        CLIENT_TIMEOUT.as_secs()
-                    ),
+                    format!("the daemon did not answer within {}s", timeout.as_secs()),
                 ))
             } else {
                 bad(e)
@@ -362,6 +425,7 @@ mod tests {
             stats: Arc::new(|| serde_json::json!({"lookups": 3, "reads": 1})),
             peers: None,
             locks: Some(Arc::new(|| serde_json::json!([{"path": "a.docx"}]))),
+            trash_restore: None,
         }
     }
 
@@ -388,14 +452,7 @@ mod tests {
         assert!(resp.ok, "{resp:?}");
         assert_eq!(resp.locks.expect("locks")[0]["path"], "a.docx");
 
-        let resp = request(
-            &path,
-            &Request {
-                v: 1,
-                cmd: "frobnicate".into(),
-            },
-        )
-        .expect("answer");
+        let resp = request(&path, &Request::plain("frobnicate")).expect("answer");
         assert!(!resp.ok);
         assert!(resp.error.unwrap_or_default().contains("frobnicate"));
     }
@@ -407,6 +464,43 @@ mod tests {
         assert!(!answer("not json", &i, &s).ok);
         // A missing version means 1, so `{"cmd":"status"}` works by hand (socat).
         assert!(answer("{\"cmd\":\"status\"}", &i, &s).ok);
+    }
+
+    #[test]
+    fn trash_restore_goes_to_the_hook() {
+        let (i, mut s) = (info(), stats());
+        let req = |path: &str| {
+            serde_json::to_string(&Request::trash_restore(path.into(), None)).expect("json")
+        };
+        let resp = answer(&req("docs/a.txt"), &i, &s);
+        assert!(!resp.ok);
+        assert!(resp.error.unwrap_or_default().contains("cannot restore"));
+
+        s.trash_restore = Some(Arc::new(|rel: &RelPath, id: Option<&str>| {
+            if rel.as_bytes() == b"missing" {
+                return Err("missing is not in the trash".into());
+            }
+            Ok(serde_json::json!({"restored_to": rel.to_string(), "id": id}))
+        }));
+        let resp = answer(&req("docs/a.txt"), &i, &s);
+        assert!(resp.ok, "{resp:?}");
+        assert_eq!(
+            resp.restored.expect("restored")["restored_to"],
+            "docs/a.txt"
+        );
+        let with_id = "{\"v\":1,\"cmd\":\"trash-restore\",\"path\":\"a\",\"id\":\"X-1\"}";
+        assert_eq!(answer(with_id, &i, &s).restored.expect("r")["id"], "X-1");
+        let resp = answer(&req("missing"), &i, &s);
+        assert_eq!(resp.error.as_deref(), Some("missing is not in the trash"));
+        for bad in ["../etc/passwd", "/etc/passwd", ""] {
+            assert!(!answer(&req(bad), &i, &s).ok, "{bad}");
+        }
+        assert!(!answer("{\"cmd\":\"trash-restore\"}", &i, &s).ok);
+        // Old clients' requests carry no path or id, and still parse.
+        assert_eq!(
+            serde_json::to_string(&Request::status()).expect("json"),
+            "{\"v\":1,\"cmd\":\"status\"}"
+        );
     }
 
     #[test]

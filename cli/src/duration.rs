@@ -1,4 +1,5 @@
-//! Human-readable durations in the config file ("500ms", "1s", "2m", "1m30s") and their display.
+//! Human-readable durations in the config file ("500ms", "1s", "2m", "1m30s", "30d") and their
+//! display.
 //!
 //! Small enough to own rather than pull in a crate: a sequence of `<number><unit>` terms, where the
 //! number may have a decimal fraction. A bare number is refused on purpose: "cache_ttl = 1" is
@@ -16,9 +17,10 @@ const UNITS: &[(&str, u64)] = &[
     ("m", 60_000_000_000),
     ("min", 60_000_000_000),
     ("h", 3_600_000_000_000),
+    ("d", 86_400_000_000_000),
 ];
 
-/// Parses a duration such as "500ms", "1.5s", "2m" or "1m30s".
+/// Parses a duration such as "500ms", "1.5s", "2m", "1m30s" or "30d" (a day is 24 hours).
 pub fn parse(text: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
@@ -90,6 +92,7 @@ pub fn format(d: Duration) -> String {
     if nanos % 1_000_000_000 == 0 {
         let secs = d.as_secs();
         return match secs {
+            s if s % 86_400 == 0 => format!("{}d", s / 86_400),
             s if s % 3600 == 0 => format!("{}h", s / 3600),
             s if s % 60 == 0 => format!("{}m", s / 60),
             s => format!("{s}s"),
@@ -134,6 +137,9 @@ mod tests {
             ("250us", Duration::from_micros(250)),
             ("7ns", Duration::from_nanos(7)),
             (" 10 s ", Duration::from_secs(10)),
+            ("30d", Duration::from_secs(30 * 86_400)),
+            ("1d12h", Duration::from_secs(36 * 3600)),
+            ("0.5d", Duration::from_secs(12 * 3600)),
         ];
         for (text, want) in cases {
             assert_eq!(parse(text), Ok(want), "{text}");
@@ -143,7 +149,7 @@ mod tests {
     #[test]
     fn refuses_ambiguous_or_malformed_input() {
         for text in [
-            "", "1", "s", "1x", "1.2.3s", "-1s", "1s2", "ms500", ".s", "1e3s",
+            "", "1", "s", "1x", "1.2.3s", "-1s", "1s2", "ms500", ".s", "1e3s", "1day", "d",
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.contains("invalid duration"), "{err}");
@@ -152,11 +158,15 @@ mod tests {
 
     #[test]
     fn format_round_trips() {
-        for text in ["0s", "1s", "2m", "1h", "500ms", "250us", "7ns", "90s"] {
+        for text in [
+            "0s", "1s", "2m", "1h", "500ms", "250us", "7ns", "90s", "30d", "36h",
+        ] {
             let d = parse(text).expect(text);
             assert_eq!(parse(&format(d)), Ok(d), "{text}");
         }
         assert_eq!(format(Duration::from_secs(90)), "90s");
+        assert_eq!(format(Duration::from_secs(30 * 86_400)), "30d");
+        assert_eq!(format(Duration::from_secs(36 * 3600)), "36h");
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod serve;
 mod signals;
 mod status;
 mod timefmt;
+mod trash;
 mod unmount;
 
 use std::io::Write;
@@ -88,6 +89,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The trash: what peers' deletions and replaces left behind (`list`, `restore`).
+    Trash {
+        #[command(subcommand)]
+        action: trash::TrashCommand,
+    },
     /// Start N peers on this machine, each with its own drive, connected to each other; shows
     /// what to try, and unmounts everything on Ctrl-C.
     Demo {
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
         Command::Unmount { mountpoint } => unmount::unmount_command(&mountpoint).map(|()| 0),
         Command::Status { config, json } => status::status_command(&config, json),
         Command::Locks { config, json } => status::locks_command(&config, json),
+        Command::Trash { action } => trash::trash_command(action),
         Command::Init { state, name } => identity_cmd::init_command(&state, name.as_deref()),
         Command::Id { state } => identity_cmd::id_command(&state),
         Command::Demo { peers, dir } => demo::demo_command(peers, dir.as_deref()),

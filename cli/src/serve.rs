@@ -270,6 +270,8 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
         }),
         peers: network.as_ref().map(Network::peers_source),
         locks: network.as_ref().map(Network::locks_source),
+        // The replication engine installs this, so that a restore also replicates.
+        trash_restore: None,
     };
     // Started after the mount: a status answer means "mounted". If the thread cannot start,
     // the drive still works; only `status` is blind, which the log says.
