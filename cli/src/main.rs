@@ -90,10 +90,7 @@ enum Command {
         json: bool,
     },
     /// The trash: what peers' deletions and replaces left behind (`list`, `restore`).
-    Trash {
-        #[command(subcommand)]
-        action: trash::TrashCommand,
-    },
+    Trash(trash::TrashArgs),
     /// Start N peers on this machine, each with its own drive, connected to each other; shows
     /// what to try, and unmounts everything on Ctrl-C.
     Demo {
@@ -120,7 +117,7 @@ fn main() -> ExitCode {
         Command::Unmount { mountpoint } => unmount::unmount_command(&mountpoint).map(|()| 0),
         Command::Status { config, json } => status::status_command(&config, json),
         Command::Locks { config, json } => status::locks_command(&config, json),
-        Command::Trash { action } => trash::trash_command(action),
+        Command::Trash(args) => trash::trash_command(args),
         Command::Init { state, name } => identity_cmd::init_command(&state, name.as_deref()),
         Command::Id { state } => identity_cmd::id_command(&state),
         Command::Demo { peers, dir } => demo::demo_command(peers, dir.as_deref()),

@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use peerfs_proto::RelPath;
 use peerfs_replicator::trash::{Trash, TrashEntry};
 use serde_json::json;
@@ -34,22 +34,27 @@ macro_rules! outln {
     }};
 }
 
+/// `peerfs trash [--config FILE] list|restore ...`: the config may come before or after the
+/// action (`peerfs trash list --config FILE` or `peerfs trash --config FILE list`).
+#[derive(Debug, Args)]
+pub struct TrashArgs {
+    /// The TOML config file (required).
+    #[arg(short, long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    action: TrashCommand,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TrashCommand {
     /// List what peers' deletions and replaces left in the trash: when, from which peer, what.
     List {
-        /// The TOML config file.
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Bring a file or folder back from the trash (beside the current one if its name is taken).
     Restore {
-        /// The TOML config file.
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
         /// The path in the drive (e.g. `docs/report.docx`, or an absolute path under the
         /// mountpoint).
         path: PathBuf,
@@ -62,17 +67,22 @@ pub enum TrashCommand {
     },
 }
 
-pub fn trash_command(cmd: TrashCommand) -> Result<u8> {
+pub fn trash_command(args: TrashArgs) -> Result<u8> {
+    let Some(config) = args.config else {
+        // A usage error like clap's own (a global argument cannot be marked required).
+        clap::Error::raw(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "the following required argument was not provided: --config <FILE>\n",
+        )
+        .exit();
+    };
     // The library warns about unreadable entries or a slow cross-filesystem copy; show that.
     let _ = logging::init("warn", logging::Target::Stderr);
-    match cmd {
-        TrashCommand::List { config, json } => list_command(&config, json),
-        TrashCommand::Restore {
-            config,
-            path,
-            id,
-            json,
-        } => restore_command(&config, &path, id.as_deref(), json),
+    match args.action {
+        TrashCommand::List { json } => list_command(&config, json),
+        TrashCommand::Restore { path, id, json } => {
+            restore_command(&config, &path, id.as_deref(), json)
+        }
     }
 }
 

@@ -243,6 +243,19 @@ fn restore_onto_a_taken_name() {
 }
 
 #[test]
+fn config_before_or_after_the_action() {
+    let s = Scratch::new();
+    let config = s.config();
+    let before = s.run(&["trash", "--config", &config, "list", "--json"]);
+    assert_eq!(json(&before)["entries"], serde_json::json!([]));
+    let short = s.run(&["trash", "list", "-c", &config]);
+    assert!(stdout(&short).contains("is empty"));
+    let missing = s.run(&["trash", "list"]);
+    assert_eq!(missing.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--config"));
+}
+
+#[test]
 fn unknown_trash_key_is_refused() {
     let s = Scratch::new();
     fs::write(
