@@ -344,7 +344,7 @@ impl Trash {
                 format!("{rel} is in the trash as {id}, but the move did not finish"),
             ));
         }
-        tracing::info!(
+        tracing::debug!(
             "trash: {rel} ({}, {size} bytes) deleted by {origin:?} kept as {id}",
             kind.as_str()
         );
