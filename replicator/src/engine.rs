@@ -506,15 +506,20 @@ impl Inner {
         self.cfg.state.join("journal")
     }
 
-    /// Appends a record to every peer's queue; returns (peer index, seq) of connected peers.
-    fn enqueue_all(&self, rec: NewRecord) -> io::Result<Vec<(usize, u64)>> {
+    /// Appends a record to every peer's queue (one batch, flushed unless `durable` is false);
+    /// returns (peer index, seq) of the connected peers.
+    fn enqueue_all_with(&self, rec: NewRecord, durable: bool) -> io::Result<Vec<(usize, u64)>> {
+        let marks: Vec<(PeerKey, u64)> = self
+            .peers
+            .iter()
+            .map(|p| (p.key, p.state.lock().cursor))
+            .collect();
+        let seqs = self
+            .store
+            .enqueue_multi(&marks, rec, durable)
+            .map_err(ioerr)?;
         let mut out = Vec::new();
-        for (i, p) in self.peers.iter().enumerate() {
-            let unsent_from = p.state.lock().cursor;
-            let seq = self
-                .store
-                .enqueue(&p.key, rec.clone(), unsent_from)
-                .map_err(ioerr)?;
+        for ((i, p), seq) in self.peers.iter().enumerate().zip(seqs) {
             let connected = {
                 let st = p.state.lock();
                 st.connected && st.retry_at.is_none()
@@ -525,6 +530,10 @@ impl Inner {
             p.wake.notify_all();
         }
         Ok(out)
+    }
+
+    fn enqueue_all(&self, rec: NewRecord) -> io::Result<Vec<(usize, u64)>> {
+        self.enqueue_all_with(rec, true)
     }
 
     fn enqueue_op(&self, file: FileId, path: &RelPath, op: &NsOp) -> io::Result<Vec<(usize, u64)>> {
@@ -553,33 +562,38 @@ impl Inner {
             }
             keys
         };
+        let many = related.len() > 1;
         for p in related {
-            self.enqueue_remove(&p)?;
+            self.enqueue_remove_with(&p, !many)?;
+        }
+        if many {
+            self.store.flush().map_err(ioerr)?;
         }
         Ok(())
     }
 
     fn enqueue_remove(&self, path: &RelPath) -> io::Result<Vec<(usize, u64)>> {
+        self.enqueue_remove_with(path, true)
+    }
+
+    fn enqueue_remove_with(&self, path: &RelPath, durable: bool) -> io::Result<Vec<(usize, u64)>> {
+        // Forget the path and everything below it (a removed folder).
         let id = self
             .store
-            .remove_path(Path::new(OsStr::from_bytes(path.as_bytes())))
+            .remove_tree(Path::new(OsStr::from_bytes(path.as_bytes())))
             .map_err(ioerr)?
             .unwrap_or(FileId(0));
-        // Forget what is below a removed folder too.
-        let below: Vec<PathBuf> = self
-            .store
-            .paths()
-            .filter_map(Result::ok)
-            .map(|(p, _)| p)
-            .filter(|p| {
-                RelPath::new(p.as_os_str().as_bytes())
-                    .is_ok_and(|r| r.starts_with(path) && &r != path)
-            })
-            .collect();
-        for p in below {
-            let _ = self.store.remove_path(&p);
-        }
-        self.enqueue_op(id, path, &NsOp::Remove { path: path.clone() })
+        let bytes = postcard::to_stdvec(&NsOp::Remove { path: path.clone() }).map_err(ioerr)?;
+        self.enqueue_all_with(
+            NewRecord {
+                file: id,
+                kind: RecordKind::Op(bytes),
+                path: path.as_bytes().to_vec(),
+                fence: None,
+                bytes: 64,
+            },
+            durable,
+        )
     }
 
     fn local(&self, change: LocalChange) -> io::Result<Vec<(usize, u64)>> {
@@ -2033,7 +2047,7 @@ impl Inner {
                 if !removed_empty {
                     self.trash(p, path)?;
                 }
-                let _ = self.store.remove_path(&pb(path));
+                let _ = self.store.remove_tree(&pb(path));
                 if let Some(a) = applied {
                     a.removed(path);
                 }

@@ -474,6 +474,30 @@ impl Store {
         Ok(Some(id))
     }
 
+    /// Drops `path` and every indexed path below it (a removed folder) from the index, in one
+    /// batch; returns the id of `path` itself.
+    pub fn remove_tree(&self, path: &Path) -> Result<Option<FileId>> {
+        let _g = self.lock();
+        let pb = path_bytes(path);
+        let mut b = Batch::default();
+        let mut own = None;
+        if let Some(v) = self.kv.get(&key(K_PATH, &[pb]))? {
+            let id = FileId(decode_u64("path index", &v)?);
+            b.del(key(K_PATH, &[pb]));
+            b.del(id_key(K_ID_PATH, id));
+            own = Some(id);
+        }
+        let sep = [std::path::MAIN_SEPARATOR as u8];
+        for kv in self.kv.scan_prefix(&key(K_PATH, &[pb, &sep])) {
+            let (k, v) = kv?;
+            let id = FileId(decode_u64("path index", &v)?);
+            b.del(k);
+            b.del(id_key(K_ID_PATH, id));
+        }
+        self.kv.apply(b)?;
+        Ok(own)
+    }
+
     /// Removes everything known about `id` (name, record, manifest, peers' acked manifests).
     /// Queued records for it stay; the sender finds the file gone and skips them.
     pub fn forget_file(&self, id: FileId) -> Result<()> {
@@ -572,47 +596,81 @@ impl Store {
     /// the peer to the file's state at send time, so the new record is not added and that
     /// record's `seq` is returned. Operations are never coalesced.
     pub fn enqueue(&self, peer: &PeerKey, rec: NewRecord, unsent_from: u64) -> Result<u64> {
+        let seqs = self.enqueue_multi(&[(*peer, unsent_from)], rec, true)?;
+        Ok(seqs.first().copied().unwrap_or(0))
+    }
+
+    /// [`Store::enqueue`] for several peers (distinct) in one atomic batch; flushed before
+    /// returning when `durable` (a caller recording many changes at once flushes once, at the
+    /// end, with [`Store::flush`]). Returns each peer's `seq`, in order.
+    pub fn enqueue_multi(
+        &self,
+        peers: &[(PeerKey, u64)],
+        rec: NewRecord,
+        durable: bool,
+    ) -> Result<Vec<u64>> {
         let _g = self.lock();
-        let mut stats = self.stats(peer)?;
         let tag = coalesce_tag(&rec.kind);
-        if let Some(tag) = tag {
-            if let Some(v) = self.kv.get(&coalesce_key(peer, rec.file, tag))? {
-                let old_seq = decode_u64("coalesce index", &v)?;
-                if old_seq >= unsent_from {
-                    if let Some(v) = self.kv.get(&queue_key(peer, old_seq))? {
-                        if let Ok(old) = decode::<QueueRecord>("queue", &v) {
-                            if old.path == rec.path && old.kind == rec.kind {
-                                return Ok(old.seq);
-                            }
-                        }
-                    }
-                }
-            }
-        }
         let mut b = Batch::default();
-        let seq = stats.next_seq;
-        let record = QueueRecord {
-            seq,
-            file: rec.file,
-            kind: rec.kind,
-            path: rec.path,
-            fence: rec.fence,
-            bytes: rec.bytes,
-        };
-        stats.next_seq += 1;
-        stats.len += 1;
-        stats.bytes = stats.bytes.saturating_add(record.bytes);
-        if let Some(tag) = tag {
-            b.put(
-                coalesce_key(peer, record.file, tag),
-                seq.to_be_bytes().to_vec(),
-            );
+        let mut out = Vec::with_capacity(peers.len());
+        for (peer, unsent_from) in peers {
+            if let Some(seq) = self.pending_same(peer, &rec, tag, *unsent_from)? {
+                out.push(seq);
+                continue;
+            }
+            let mut stats = self.stats(peer)?;
+            let seq = stats.next_seq;
+            let record = QueueRecord {
+                seq,
+                file: rec.file,
+                kind: rec.kind.clone(),
+                path: rec.path.clone(),
+                fence: rec.fence,
+                bytes: rec.bytes,
+            };
+            stats.next_seq += 1;
+            stats.len += 1;
+            stats.bytes = stats.bytes.saturating_add(record.bytes);
+            if let Some(tag) = tag {
+                b.put(
+                    coalesce_key(peer, record.file, tag),
+                    seq.to_be_bytes().to_vec(),
+                );
+            }
+            b.put(queue_key(peer, seq), encode(&record));
+            b.put(key(K_STATS, &[peer]), encode(&stats));
+            out.push(seq);
         }
-        b.put(queue_key(peer, seq), encode(&record));
-        b.put(key(K_STATS, &[peer]), encode(&stats));
         self.kv.apply(b)?;
-        self.kv.flush()?;
-        Ok(seq)
+        if durable {
+            self.kv.flush()?;
+        }
+        Ok(out)
+    }
+
+    /// The pending record that already brings `peer` to `rec`'s state (see [`Store::enqueue`]).
+    fn pending_same(
+        &self,
+        peer: &PeerKey,
+        rec: &NewRecord,
+        tag: Option<u8>,
+        unsent_from: u64,
+    ) -> Result<Option<u64>> {
+        let Some(tag) = tag else { return Ok(None) };
+        let Some(v) = self.kv.get(&coalesce_key(peer, rec.file, tag))? else {
+            return Ok(None);
+        };
+        let old_seq = decode_u64("coalesce index", &v)?;
+        if old_seq < unsent_from {
+            return Ok(None);
+        }
+        let Some(v) = self.kv.get(&queue_key(peer, old_seq))? else {
+            return Ok(None);
+        };
+        Ok(match decode::<QueueRecord>("queue", &v) {
+            Ok(old) if old.path == rec.path && old.kind == rec.kind => Some(old.seq),
+            _ => None,
+        })
     }
 
     /// Up to `n` records of `peer`'s queue with `seq >= from`, in order.
