@@ -53,6 +53,8 @@ struct RawConfig {
     files: RawFiles,
     #[serde(default)]
     trash: RawTrash,
+    #[serde(default)]
+    replication: RawReplication,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +93,13 @@ struct RawFiles {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawReplication {
+    owners: Option<bool>,
+    track_min_size: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawTrash {
     retention: Option<toml::Value>,
 }
@@ -123,6 +132,7 @@ pub struct Config {
     pub network: NetworkConfig,
     pub files: FilesConfig,
     pub trash: TrashConfig,
+    pub replication: ReplicationConfig,
 }
 
 /// One `[[peers]]` entry.
@@ -184,6 +194,26 @@ impl Default for NetworkConfig {
 pub struct FilesConfig {
     pub exclude: Vec<String>,
     pub include: Vec<String>,
+}
+
+/// The `[replication]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Apply the owner (uid/gid) of files received from peers (else they belong to the daemon).
+    pub owners: bool,
+    /// Write opens of files at least this big (bytes) are served by the daemon so that their
+    /// written ranges are known (O(edit) deltas); smaller ones use kernel passthrough and are
+    /// re-chunked whole at close.
+    pub track_min_size: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            owners: true,
+            track_min_size: 16 * 1024 * 1024,
+        }
+    }
 }
 
 /// The `[trash]` table: what peers' deletions and replaces leave in `STATE/trash`.
@@ -383,6 +413,17 @@ impl Config {
             ));
         }
 
+        let replication = ReplicationConfig {
+            owners: raw
+                .replication
+                .owners
+                .unwrap_or(ReplicationConfig::default().owners),
+            track_min_size: raw
+                .replication
+                .track_min_size
+                .unwrap_or(ReplicationConfig::default().track_min_size),
+        };
+
         Ok(Config {
             file: file.to_path_buf(),
             name,
@@ -397,6 +438,7 @@ impl Config {
             network,
             files,
             trash,
+            replication,
         })
     }
 
@@ -789,6 +831,20 @@ state = "./state/a/"
             "{MINIMAL}[[peers]]\nname = \"b\"\nid = \"x\"\naddress = \"b\"\nport = 1\n"
         ));
         assert!(s.contains("`port`"), "{s}");
+        let c = Config::parse(
+            &format!("{MINIMAL}[replication]\nowners = false\ntrack_min_size = 1048576\n"),
+            Path::new("/etc/peerfs/a.toml"),
+        )
+        .expect("replication table");
+        assert_eq!(
+            c.replication,
+            ReplicationConfig {
+                owners: false,
+                track_min_size: 1 << 20
+            }
+        );
+        let s = err_of(&format!("{MINIMAL}[replication]\nowner = true\n"));
+        assert!(s.contains("owner"), "{s}");
         let s = err_of(&format!("{MINIMAL}[trash]\nretention = \"1d\"\nkeep = 3\n"));
         assert!(s.contains("`keep`") && s.contains("line 8"), "{s}");
     }

@@ -29,6 +29,8 @@ pub struct Network {
     mesh: Mesh,
     locks: Arc<LockService>,
     repl: Replicator,
+    trash: Arc<Trash>,
+    root: Arc<std::os::fd::OwnedFd>,
     names: Arc<HashMap<PeerId, String>>,
     me: PeerId,
 }
@@ -99,7 +101,7 @@ impl Network {
             state: cfg.state.clone(),
             me,
             peers: cfg.peers.iter().map(|p| (p.id, p.name.clone())).collect(),
-            owners: true, // TODO(config)
+            owners: cfg.replication.owners,
             window: 16 * 1024 * 1024,
             hold_removes: cfg.locks.linger + Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -117,7 +119,9 @@ impl Network {
             for p in &cfg.peers {
                 locks.add_peer(p.id);
             }
+            let trash_for_fn = Arc::clone(&trash);
             let trash_fn: engine::TrashFn = Arc::new(move |root, rel, origin| {
+                let trash = &trash_for_fn;
                 let entry = trash.put(root, rel, origin)?;
                 tracing::info!(path = %rel, by = origin, entry = %entry.id, "moved to the trash");
                 Ok(())
@@ -172,6 +176,35 @@ impl Network {
             });
             anyhow::Ok((mesh, locks, repl))
         })?;
+        let root = Arc::new(
+            std::fs::File::open(&cfg.backing)
+                .map(std::os::fd::OwnedFd::from)
+                .with_context(|| format!("cannot open backing {}", cfg.backing.display()))?,
+        );
+        // The trash keeps deleted files for `retention`: swept now and every hour.
+        {
+            let trash = Arc::clone(&trash);
+            let retention = cfg.trash.retention;
+            std::thread::Builder::new()
+                .name("trash-sweep".into())
+                .spawn(move || {
+                    loop {
+                        match trash.sweep(retention, std::time::SystemTime::now()) {
+                            Ok(st) if st.removed > 0 || st.half_made > 0 => tracing::info!(
+                                removed = st.removed,
+                                bytes = st.removed_bytes,
+                                half_made = st.half_made,
+                                kept = st.kept,
+                                "trash swept"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!("cannot sweep the trash: {e}"),
+                        }
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                })
+                .context("cannot start the trash sweeper")?;
+        }
         tracing::info!(
             id = %me,
             listen = ?mesh.local_addr(),
@@ -183,6 +216,8 @@ impl Network {
             mesh,
             locks,
             repl,
+            trash,
+            root,
             names,
             me,
         })
@@ -230,6 +265,31 @@ impl Network {
         }));
         self.repl
             .set_applied(Arc::new(DriveCaches(Arc::downgrade(vfs))));
+    }
+
+    /// `trash-restore` for the control socket: moves the entry back into the backing folder,
+    /// tells the drive's kernel caches, and replicates the restored object to the peers.
+    pub fn trash_restore_source(&self, vfs: &Arc<Vfs>) -> crate::control::TrashRestore {
+        let trash = Arc::clone(&self.trash);
+        let root = Arc::clone(&self.root);
+        let repl = self.repl.clone();
+        let vfs = Arc::downgrade(vfs);
+        Arc::new(move |rel, id| {
+            use std::os::fd::AsFd;
+            let restored = trash
+                .restore(root.as_fd(), rel, id)
+                .map_err(|e| format!("cannot restore {rel}: {e}"))?;
+            if let Some(v) = vfs.upgrade() {
+                v.remote_changed(&restored.restored_to);
+            }
+            repl.local(LocalChange::Content {
+                path: restored.restored_to.clone(),
+                dirty: None,
+                fence: None,
+            });
+            tracing::info!(path = %restored.restored_to, entry = %restored.entry.id, "restored from the trash");
+            serde_json::to_value(&restored).map_err(|e| e.to_string())
+        })
     }
 
     /// `status`'s peer list.

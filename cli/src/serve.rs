@@ -212,7 +212,7 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
     let vfs = Vfs::new(VfsConfig {
         backing: cfg.backing.clone(),
         excludes,
-        track_min_size: 16 * 1024 * 1024, // TODO(config)
+        track_min_size: cfg.replication.track_min_size,
     })
     .map_err(|e| anyhow!("cannot open backing {}: {e}", cfg.backing.display()))?;
     let vfs = Arc::new(vfs);
@@ -270,8 +270,8 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
         }),
         peers: network.as_ref().map(Network::peers_source),
         locks: network.as_ref().map(Network::locks_source),
-        // The replication engine installs this, so that a restore also replicates.
-        trash_restore: None,
+        // Through the daemon, a restore also replicates.
+        trash_restore: network.as_ref().map(|n| n.trash_restore_source(&vfs)),
     };
     // Started after the mount: a status answer means "mounted". If the thread cannot start,
     // the drive still works; only `status` is blind, which the log says.

@@ -1843,6 +1843,10 @@ impl Inner {
                     .map_err(ioerr)?,
                 None => t.path.clone(),
             };
+            // A folder, symlink or special file in the way goes to the trash (nothing lost).
+            if lstat_at(t.dir.as_fd(), &target_name).is_ok_and(|st| !is_kind(&st, libc::S_IFREG)) {
+                self.trash(p, &target_path)?;
+            }
             // Hard-linked files are updated in place, so every name sees the new version.
             let in_place = lstat_at(t.dir.as_fd(), &target_name)
                 .is_ok_and(|st| is_kind(&st, libc::S_IFREG) && st.st_nlink > 1);

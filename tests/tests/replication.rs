@@ -339,3 +339,49 @@ fn a_killed_sender_resumes_its_queue() {
     wait_content(&p, B, "queued-1.txt", b"one");
     wait_content(&p, B, "queued-dir/two.txt", b"two");
 }
+
+#[test]
+fn a_tree_of_many_files_replicates_and_so_does_its_removal() {
+    let p = Peers::start(2);
+    let root = p.file(A, "tree");
+    fs::create_dir(&root).expect("mkdir");
+    for d in 0..10 {
+        let dir = root.join(format!("d{d}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for f in 0..50 {
+            fs::write(dir.join(format!("f{f}.txt")), format!("{d}/{f}")).expect("write");
+        }
+    }
+    wait_until("B has all 500 files", Duration::from_secs(120), || {
+        let mut n = 0;
+        for d in 0..10 {
+            for f in 0..50 {
+                let path = p.file(B, &format!("tree/d{d}/f{f}.txt"));
+                if read(&path).ok().as_deref() == Some(format!("{d}/{f}").as_bytes()) {
+                    n += 1;
+                }
+            }
+        }
+        if n == 500 {
+            Ok(())
+        } else {
+            Err(format!("{n} of 500"))
+        }
+    });
+    fs::remove_dir_all(&root).expect("rm -rf");
+    wait_until(
+        "the tree is gone on B",
+        Duration::from_secs(120),
+        || match fs::symlink_metadata(p.file(B, "tree")) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Ok(_) => Err("still there".into()),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    // Every file is in B's trash, nothing was destroyed.
+    let out = p.cli(B, "trash", &["list", "--json"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
+    let listed = v["entries"].as_array().map(|a| a.len()).unwrap_or(0);
+    assert!(listed >= 500, "{listed} trash entries: {}", out.describe());
+}
