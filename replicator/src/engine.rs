@@ -165,7 +165,7 @@ struct Inflight {
     seq: u64,
     done: bool,
     /// For content: the file and the manifest the receiver will hold once it acks.
-    acked: Option<(FileId, Vec<u8>)>,
+    acked: Option<(FileId, Hash)>,
 }
 
 #[derive(Default)]
@@ -999,7 +999,7 @@ impl Inner {
         generation: u64,
         rec: &QueueRecord,
         ov: Option<Override>,
-    ) -> Result<Option<(FileId, Vec<u8>)>, Stop> {
+    ) -> Result<Option<(FileId, Hash)>, Stop> {
         let seq = rec.seq;
         let Some(path) = path_of_bytes(&rec.path) else {
             // Unrepresentable path: nothing a peer could apply. Send a no-op so acks stay in order.
@@ -1115,7 +1115,7 @@ impl Inner {
         current: &RelPath,
         base_override: Option<Option<Hash>>,
         fence: Option<u64>,
-    ) -> Result<Option<(FileId, Vec<u8>)>, Stop> {
+    ) -> Result<Option<(FileId, Hash)>, Stop> {
         let opened = open_parent(self.root(), current, false).and_then(|(dir, name)| {
             let st = lstat_at(dir.as_fd(), &name)?;
             Ok((dir, name, st))
@@ -1201,16 +1201,17 @@ impl Inner {
         let meta = read_meta(&st, Some(file.as_fd()));
 
         // The version the peer holds: what it acked last, else the version before this one.
+        // (Decoded one at a time: a 4 GiB file's manifest is ~25 MB.)
         let decode = |b: Option<Vec<u8>>| b.and_then(|b| Manifest::decode(&b).ok());
-        let acked = decode(self.store.acked_manifest(&p.key, id).ok().flatten());
-        let prev = decode(self.store.prev_manifest(id).ok().flatten());
+        let acked = || decode(self.store.acked_manifest(&p.key, id).ok().flatten());
+        let prev = || decode(self.store.prev_manifest(id).ok().flatten());
         let base: Option<Manifest> = match base_override {
             Some(None) => None,
-            Some(Some(h)) => [acked, prev, Some(new.clone())]
-                .into_iter()
-                .flatten()
-                .find(|m| *m.content_hash() == h),
-            None => acked.or(prev),
+            Some(Some(h)) if h == *new.content_hash() => Some(new.clone()),
+            Some(Some(h)) => acked()
+                .filter(|m| *m.content_hash() == h)
+                .or_else(|| prev().filter(|m| *m.content_hash() == h)),
+            None => acked().or_else(prev),
         };
         let delta = match &base {
             Some(b) => Delta::compute(b, &new),
@@ -1238,7 +1239,7 @@ impl Inner {
             self.stream_ops(p, generation, seq, &file, &new, &delta)?;
         }
         self.send(p, ReplMsg::End { seq }, true)?;
-        Ok(Some((id, new.encode())))
+        Ok(Some((id, *new.content_hash())))
     }
 
     fn stream_ops(
@@ -1391,9 +1392,28 @@ impl Inner {
         }
         drop(st);
         p.wake.notify_all();
-        for (id, m) in acked {
-            if let Err(e) = self.store.set_acked_manifest(&p.key, id, &m) {
-                tracing::warn!("replication: cannot record an acknowledgement: {e}");
+        for (id, hash) in acked {
+            // The version sent is the file's current one or, if it changed since, the previous.
+            let current_hash = self
+                .store
+                .file_state(id)
+                .ok()
+                .flatten()
+                .and_then(|st| st.version)
+                .map(|v| v.hash);
+            let m = if current_hash == Some(hash) {
+                self.store.manifest(id).ok().flatten()
+            } else {
+                self.store
+                    .prev_manifest(id)
+                    .ok()
+                    .flatten()
+                    .filter(|b| Manifest::decode(b).is_ok_and(|m| *m.content_hash() == hash))
+            };
+            if let Some(m) = m {
+                if let Err(e) = self.store.set_acked_manifest(&p.key, id, &m) {
+                    tracing::warn!("replication: cannot record an acknowledgement: {e}");
+                }
             }
         }
         if let Some(last) = last {
