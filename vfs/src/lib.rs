@@ -233,6 +233,9 @@ struct Dirty {
     untracked: bool,
     /// (size, mtime, ctime) when the first writer opened it; `None` for a file just created.
     before: Option<(i64, i64, i64, i64, i64)>,
+    /// Locks of names this file was renamed onto while open for writing (GIO renames its
+    /// stream over the document before closing it): held until the last writer goes.
+    locks: Vec<RelPath>,
 }
 
 /// Ranges beyond this many are not worth tracking: the file is re-chunked in full.
@@ -390,6 +393,8 @@ pub struct Vfs {
     dirty: Mutex<HashMap<NodeId, Dirty>>,
     /// Files a peer's update is patching in place: their opens wait (see [`Vfs::remote_gate`]).
     patching: Mutex<std::collections::HashSet<NodeId>>,
+    /// Nodes whose name a peer's update gave to a new file (see `check_not_replaced`).
+    replaced: Mutex<std::collections::HashSet<NodeId>>,
     patched: parking_lot::Condvar,
     /// Write opens of files at least this big are served by the drive (not kernel
     /// passthrough), so their written ranges are known and a small edit costs a small delta.
@@ -439,6 +444,7 @@ impl Vfs {
             replicator: std::sync::OnceLock::new(),
             dirty: Mutex::new(HashMap::new()),
             patching: Mutex::new(std::collections::HashSet::new()),
+            replaced: Mutex::new(std::collections::HashSet::new()),
             patched: parking_lot::Condvar::new(),
             track_min_size: cfg.track_min_size,
             excludes: cfg.excludes,
@@ -509,29 +515,40 @@ impl Vfs {
 
     /// The last write handle of `node` went away: report its new content (if it changed).
     fn track_release(&self, node: NodeId, fd: BorrowedFd<'_>) {
+        let locks = self.track_release_report(node, fd);
+        if let Some(l) = self.locks.get() {
+            for path in locks {
+                l.release(&path);
+            }
+        }
+    }
+
+    /// Reports the new content if this was the last writer; returns the locks it kept.
+    fn track_release_report(&self, node: NodeId, fd: BorrowedFd<'_>) -> Vec<RelPath> {
         let done = {
             let mut dirty = self.dirty.lock();
             let Some(d) = dirty.get_mut(&node) else {
-                return;
+                return Vec::new();
             };
             d.writers = d.writers.saturating_sub(1);
             if d.writers > 0 {
-                return;
+                return Vec::new();
             }
             dirty.remove(&node)
         };
-        let Some(d) = done else { return };
+        let Some(mut d) = done else {
+            return Vec::new();
+        };
+        let locks = std::mem::take(&mut d.locks);
         let Some(path) = self.replicated(self.path(node)) else {
-            return;
+            return locks;
         };
         // A write open that changed nothing ships nothing (gedit's stat-only open, Samba).
         let now = sys::fstat(fd).ok();
-        let unchanged = d.ranges.is_empty()
-            && !d.untracked
-            && d.before.is_some()
-            && now.as_ref().map(stamp) == d.before;
+        let unchanged =
+            d.ranges.is_empty() && d.before.is_some() && now.as_ref().map(stamp) == d.before;
         if unchanged {
-            return;
+            return locks;
         }
         let dirty = if d.untracked || d.before.is_none() {
             None
@@ -539,6 +556,7 @@ impl Vfs {
             Some(d.ranges)
         };
         self.report(Change::Content { path, dirty });
+        locks
     }
 
     /// Whether a write open of a file of `size` bytes should be served by the drive.
@@ -591,6 +609,7 @@ impl Vfs {
             if !same {
                 // Replaced by a new file: the old node keeps serving its open handles only.
                 self.nodes.write().unlinked(pnode, name);
+                self.replaced.lock().insert(old);
             }
             inv.data(old);
         }
@@ -624,6 +643,9 @@ impl Vfs {
         };
         let old = self.nodes.read().child(pnode, name);
         self.nodes.write().unlinked(pnode, name);
+        if let Some(old) = old {
+            self.replaced.lock().insert(old);
+        }
         if let Some(inv) = self.invalidator.get() {
             if let Some(old) = old {
                 inv.inode(old);
@@ -842,7 +864,21 @@ impl Vfs {
 
     /// Drops `n` kernel references to `id`.
     pub fn forget(&self, id: NodeId, n: u64) {
-        self.nodes.write().forget(id, n);
+        let mut nodes = self.nodes.write();
+        nodes.forget(id, n);
+        if nodes.get(id).is_none() {
+            self.replaced.lock().remove(&id);
+        }
+    }
+
+    /// Refuses to open (or truncate by name) a file a peer's update replaced: the kernel
+    /// reached it through a name it cached before the update. ESTALE makes the kernel look
+    /// the name up again and open the new version (the path walk retries with LOOKUP_REVAL).
+    fn check_not_replaced(&self, id: NodeId) -> Result<()> {
+        if self.replaced.lock().contains(&id) {
+            return Err(VfsError::os(libc::ESTALE));
+        }
+        Ok(())
     }
 
     // ---- attributes ----------------------------------------------------------------------
@@ -862,6 +898,9 @@ impl Vfs {
     pub fn setattr(&self, id: NodeId, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
         bump(&self.counters.setattrs);
         let r = (|| {
+            if fh.is_none() {
+                self.check_not_replaced(id)?;
+            }
             let (fd, kind) = self.node(id)?;
             let fd = fd.as_fd();
             let mut meta_changed = false;
@@ -1132,7 +1171,8 @@ impl Vfs {
             if is_reserved(newname) {
                 return Err(VfsError::os(libc::EPERM));
             }
-            let _guards = self.lock_rename(&old_dir, parent, name, &new_dir, newparent, newname)?;
+            let [_from_guard, to_guard] =
+                self.lock_rename(&old_dir, parent, name, &new_dir, newparent, newname)?;
             let from_path = self.child_path(parent, name);
             let to_path = self.child_path(newparent, newname);
             let moved = sys::fstatat(old_dir.as_fd(), &oldname).ok();
@@ -1160,6 +1200,16 @@ impl Vfs {
                 newname_os,
                 flags.0 & RenameFlags::EXCHANGE != 0,
             );
+            // A file still open for writing that now has the name keeps the name's lock until
+            // its last writer goes: no other office may write it meanwhile.
+            if let Some(node) = self.nodes.read().child(newparent, newname_os) {
+                let mut dirty = self.dirty.lock();
+                if let Some(d) = dirty.get_mut(&node).filter(|d| d.writers > 0) {
+                    if let Some(path) = to_guard.and_then(LockGuard::keep) {
+                        d.locks.push(path);
+                    }
+                }
+            }
             Ok(())
         })();
         self.count(r)
@@ -1282,6 +1332,7 @@ impl Vfs {
     pub fn open(&self, id: NodeId, flags: i32, kill_suidgid: bool) -> Result<Opened> {
         bump(&self.counters.opens);
         let r = (|| {
+            self.check_not_replaced(id)?;
             let (fd, kind) = self.node(id)?;
             // A read-write open takes the name's lock before anything else happens; read-only
             // opens never lock. (Directories and devices are not documents.)
@@ -1387,10 +1438,42 @@ impl Vfs {
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         bump(&self.counters.fsyncs);
-        let r = self
-            .file(fh)
-            .and_then(|h| sys::fsync(h.fd.as_fd(), datasync));
+        let r = self.file(fh).and_then(|h| {
+            sys::fsync(h.fd.as_fd(), datasync)?;
+            if h.writes {
+                self.save_point(h.node, h.fd.as_fd());
+            }
+            Ok(())
+        });
         self.count(r)
+    }
+
+    /// A writer fsynced: that is how an application that saves in place while keeping the
+    /// document open (LibreOffice on linked files, databases) marks a consistent version, so
+    /// it ships now rather than at the close (which ships again only if more changed).
+    fn save_point(&self, node: NodeId, fd: BorrowedFd<'_>) {
+        let Some(path) = self.replicated(self.path(node)) else {
+            return;
+        };
+        let now = sys::fstat(fd).ok();
+        let dirty = {
+            let mut map = self.dirty.lock();
+            let Some(d) = map.get_mut(&node) else { return };
+            let unchanged =
+                d.ranges.is_empty() && d.before.is_some() && now.as_ref().map(stamp) == d.before;
+            if unchanged {
+                return;
+            }
+            let dirty = if d.untracked || d.before.is_none() {
+                None
+            } else {
+                Some(std::mem::take(&mut d.ranges))
+            };
+            // From here on, only what changes after this point counts.
+            d.before = now.as_ref().map(stamp);
+            dirty
+        };
+        self.report(Change::Content { path, dirty });
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
