@@ -134,6 +134,10 @@ pub enum ReplMsg {
         /// Every copy keeps its offset (overwrites, appends, truncations): the receiver may
         /// patch its file in place instead of rebuilding it.
         aligned: bool,
+        /// The sender was told what the receiver holds and knows no common version: a receiver
+        /// holding another file there keeps both (its own, and this one as a conflict copy).
+        /// Unset, such a receiver answers `BaseMismatch` so the sender can look its version up.
+        checked: bool,
     },
     /// Bytes of the base version at `from_offset` (whole base chunks).
     Copy {

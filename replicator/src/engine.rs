@@ -152,13 +152,14 @@ struct Counters {
     records_applied: AtomicU64,
 }
 
-/// What the sender does with a record when it resends it after a refusal.
-#[derive(Clone, Debug)]
-enum Override {
-    /// The receiver holds this content (or nothing): delta against it if known, else in full.
-    Base(Option<Hash>),
+/// What the sender does differently when it resends a record after a refusal.
+#[derive(Clone, Debug, Default)]
+struct Override {
+    /// The receiver holds this content (or nothing): delta against it if known, else in full
+    /// (and the receiver keeps both if it has another file).
+    base: Option<Option<Hash>>,
     /// Send the content of this path instead of the operation.
-    AsContent(RelPath),
+    as_content: Option<RelPath>,
 }
 
 struct Inflight {
@@ -1017,20 +1018,19 @@ impl Inner {
             )?;
             return Ok(None);
         };
-        let (kind, base_override) = match ov {
-            Some(Override::AsContent(path)) => {
-                let id = self
-                    .store
-                    .file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
-                    .ok()
-                    .flatten()
-                    .unwrap_or(FileId(0));
-                return self
-                    .send_content(p, epoch, generation, seq, id, &path, &path, None, rec.fence);
-            }
-            Some(Override::Base(h)) => (rec.kind.clone(), Some(h)),
-            None => (rec.kind.clone(), None),
-        };
+        let ov = ov.unwrap_or_default();
+        if let Some(path) = ov.as_content {
+            let id = self
+                .store
+                .file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
+                .ok()
+                .flatten()
+                .unwrap_or(FileId(0));
+            return self.send_content(
+                p, epoch, generation, seq, id, &path, &path, ov.base, rec.fence,
+            );
+        }
+        let (kind, base_override) = (rec.kind.clone(), ov.base);
         match kind {
             RecordKind::Op(bytes) => {
                 let op: NsOp = postcard::from_bytes(&bytes).map_err(|e| Stop::Io(ioerr(e)))?;
@@ -1210,9 +1210,20 @@ impl Inner {
             Some(Some(h)) if h == *new.content_hash() => Some(new.clone()),
             Some(Some(h)) => acked()
                 .filter(|m| *m.content_hash() == h)
-                .or_else(|| prev().filter(|m| *m.content_hash() == h)),
+                .or_else(|| prev().filter(|m| *m.content_hash() == h))
+                .or_else(|| {
+                    // Any version this server knows by that hash (e.g. the file a rename here
+                    // replaced): the peer holds it, so it is a valid base.
+                    self.store
+                        .manifests_for_hash(&h)
+                        .ok()?
+                        .iter()
+                        .filter_map(|b| Manifest::decode(b).ok())
+                        .find(|m| *m.content_hash() == h)
+                }),
             None => acked().or_else(prev),
         };
+        let checked = matches!(base_override, Some(Some(_))) && base.is_none();
         let delta = match &base {
             Some(b) => Delta::compute(b, &new),
             None => Delta::compute(&Manifest::empty(), &new),
@@ -1229,6 +1240,7 @@ impl Inner {
                 meta,
                 fence,
                 aligned: aligned(&delta),
+                checked,
             },
             true,
         )?;
@@ -1362,14 +1374,14 @@ impl Inner {
             }
             AckOutcome::BaseMismatch { have } => {
                 tracing::info!(peer = %p.name, seq, "replication: the peer holds another version; resending against it");
-                st.overrides.insert(seq, Override::Base(have));
+                st.overrides.entry(seq).or_default().base = Some(have);
                 self.restart(&mut st, seq);
                 drop(st);
                 p.wake.notify_all();
                 return;
             }
             AckOutcome::NeedContent { path } => {
-                st.overrides.insert(seq, Override::AsContent(path));
+                st.overrides.entry(seq).or_default().as_content = Some(path);
                 self.restart(&mut st, seq);
                 drop(st);
                 p.wake.notify_all();
@@ -1557,6 +1569,7 @@ impl Inner {
                     meta,
                     aligned,
                     fence,
+                    checked,
                     ..
                 } => match self.begin(
                     &p,
@@ -1568,6 +1581,7 @@ impl Inner {
                     meta,
                     aligned,
                     fence,
+                    checked,
                 ) {
                     Ok(t) => cur = Some(t),
                     Err(outcome) => {
@@ -1672,6 +1686,7 @@ impl Inner {
         meta: Meta,
         aligned: bool,
         fence: Option<u64>,
+        checked: bool,
     ) -> Result<Transfer, AckOutcome> {
         if path.is_root() {
             return Err(AckOutcome::Failed {
@@ -1725,8 +1740,12 @@ impl Inner {
                 return Err(AckOutcome::BaseMismatch { have: other });
             }
             (None, None) => {}
+            (None, Some(h)) if !checked => {
+                // The sender does not know what is here: tell it (it may know this version).
+                return Err(AckOutcome::BaseMismatch { have: Some(h) });
+            }
             (None, Some(_)) => {
-                // A new file of the sender's where this server has another one: keep both.
+                // The sender knows no common version with this server's file: keep both.
                 conflict = true;
             }
         }

@@ -267,6 +267,7 @@ const K_COALESCE: u8 = b'C'; // peer, file, kind tag -> seq of the pending recor
 const K_STATS: u8 = b'S'; // peer -> PeerStats
 const K_ACKED: u8 = b'A'; // file, peer -> manifest the peer acked
 const K_PREV: u8 = b'p'; // FileId -> manifest of the version before the current one
+const K_HASH: u8 = b'H'; // content hash -> FileId that had it (current or previous version)
 
 // b'M': database-wide values.
 const META_NEXT_ID: &[u8] = b"Mnext_file_id";
@@ -550,7 +551,22 @@ impl Store {
         }
         b.put(id_key(K_FILE, id), encode(&state));
         b.put(id_key(K_MANIFEST, id), m);
+        b.put(key(K_HASH, &[&version.hash]), id.0.to_be_bytes().to_vec());
         self.kv.apply(b)
+    }
+
+    /// A stored manifest (some file's current or previous version) with content hash `hash`:
+    /// proves which version a peer holds without its history. Raw manifest bytes; the caller
+    /// decodes and checks the hash (the index may point at a file that changed since).
+    pub fn manifests_for_hash(&self, hash: &[u8; 32]) -> Result<Vec<Vec<u8>>> {
+        let Some(v) = self.kv.get(&key(K_HASH, &[hash]))? else {
+            return Ok(Vec::new());
+        };
+        let id = FileId(decode_u64("hash index", &v)?);
+        Ok([self.manifest(id)?, self.prev_manifest(id)?]
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// The manifest of the version before the current one (the version peers most likely hold
