@@ -2286,9 +2286,13 @@ impl Transfer {
         // The copy must cover whole base chunks: their hashes make up the new manifest.
         let chunks = bm.chunks();
         let start = chunks.partition_point(|c| c.offset < from);
+        let end = from
+            .checked_add(len)
+            .filter(|e| self.at.checked_add(len).is_some_and(|n| n <= self.size) && *e <= bm.size())
+            .ok_or_else(|| ioerr("a copy outside the base or the new size"))?;
         let mut at = from;
         let mut i = start;
-        while at < from.saturating_add(len) {
+        while at < end {
             let c = chunks
                 .get(i)
                 .filter(|c| c.offset == at)
@@ -2301,7 +2305,7 @@ impl Transfer {
             at += u64::from(c.len);
             i += 1;
         }
-        if at != from + len {
+        if at != end {
             return Err(ioerr("a copy does not cover whole base chunks"));
         }
         if self.journal.is_none() && !(self.cloned && from == self.at) {

@@ -388,3 +388,28 @@ fn a_tree_of_many_files_replicates_and_so_does_its_removal() {
     let listed = v["entries"].as_array().map(|a| a.len()).unwrap_or(0);
     assert!(listed >= 500, "{listed} trash entries: {}", out.describe());
 }
+
+#[test]
+fn a_deleted_file_lands_in_the_trash_and_a_restore_replicates() {
+    let p = Peers::start(2);
+    fs::create_dir(p.file(A, "docs")).expect("mkdir");
+    fs::write(p.file(A, "docs/plan.txt"), b"the plan").expect("write");
+    wait_content(&p, B, "docs/plan.txt", b"the plan");
+    p.wait_unlocked("docs/plan.txt", SYNC);
+    fs::remove_file(p.file(A, "docs/plan.txt")).expect("rm");
+    wait_gone(&p, B, "docs/plan.txt");
+    // B keeps it in its trash, with its path.
+    let out = p.cli(B, "trash", &["list", "--json"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    assert!(
+        entries.iter().any(|e| e["path"] == "docs/plan.txt"),
+        "{entries:?}"
+    );
+    // Restored on B (through its daemon), the file comes back on both peers.
+    let out = p.cli(B, "trash", &["restore", "docs/plan.txt"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    wait_content(&p, B, "docs/plan.txt", b"the plan");
+    wait_content(&p, A, "docs/plan.txt", b"the plan");
+}

@@ -1,0 +1,296 @@
+//! The replicator's receiving side fed directly (no network): hostile or inconsistent streams
+//! get a refusal and leave the backing folder as it was; a well-formed stream applies.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use peerfs_proto::msg::{AckOutcome, ByteBuf, Meta, NsOp, ReplMsg};
+use peerfs_proto::{PeerId, RelPath};
+use peerfs_replicator::chunk::hash_bytes;
+use peerfs_replicator::engine::{Config, Replicator, Transport, TrashFn};
+use peerfs_replicator::store::Store;
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<ReplMsg>>);
+
+impl Transport for Recorder {
+    fn send(&self, _peer: PeerId, msg: ReplMsg, _bulk: bool) -> bool {
+        self.0.lock().push(msg);
+        true
+    }
+}
+
+const PEER: PeerId = PeerId([9; 32]);
+
+struct Fixture {
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    backing: std::path::PathBuf,
+    repl: Replicator,
+    sent: Arc<Recorder>,
+}
+
+fn fixture() -> Fixture {
+    let backing = tempfile::tempdir().expect("tmp");
+    let state = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(Store::open(state.path()).expect("store"));
+    let sent = Arc::new(Recorder::default());
+    let trash_dir = state.path().join("trash-test");
+    let trash: TrashFn = Arc::new(move |root, rel, _origin| {
+        // A minimal trash for the test: move the object aside by name.
+        std::fs::create_dir_all(&trash_dir)?;
+        let dest = trash_dir.join(rel.to_string().replace('/', "_"));
+        let src = format!(
+            "/proc/self/fd/{}/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&root),
+            rel
+        );
+        std::fs::rename(src, dest)
+    });
+    let cfg = Config {
+        backing: backing.path().to_path_buf(),
+        state: state.path().to_path_buf(),
+        me: PeerId([1; 32]),
+        peers: vec![(PEER, "peer".into())],
+        owners: false,
+        window: 1 << 20,
+        hold_removes: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+    };
+    let repl = Replicator::start(cfg, store, sent.clone(), trash).expect("start");
+    repl.peer_connected(PEER);
+    Fixture {
+        backing: backing.path().to_path_buf(),
+        _dirs: (backing, state),
+        repl,
+        sent,
+    }
+}
+
+impl Fixture {
+    /// Waits for the ack of `seq` (bounded).
+    fn ack(&self, seq: u64) -> AckOutcome {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(o) = self.sent.0.lock().iter().find_map(|m| match m {
+                ReplMsg::Ack { seq: s, outcome } if *s == seq => Some(outcome.clone()),
+                _ => None,
+            }) {
+                return o;
+            }
+            assert!(Instant::now() < deadline, "no ack for {seq}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn path(s: &str) -> RelPath {
+    RelPath::new(s.as_bytes()).expect("path")
+}
+
+fn meta() -> Meta {
+    Meta {
+        mode: 0o644,
+        mtime_sec: 1_700_000_000,
+        ..Meta::default()
+    }
+}
+
+fn begin(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
+    let m = peerfs_replicator::Manifest::from_reader(content).expect("manifest");
+    ReplMsg::Begin {
+        epoch,
+        seq,
+        path: path(p),
+        base: None,
+        size: content.len() as u64,
+        content_hash: *m.content_hash(),
+        meta: meta(),
+        fence: None,
+        aligned: false,
+        checked: false,
+    }
+}
+
+#[test]
+fn a_well_formed_stream_applies_and_a_corrupt_chunk_changes_nothing() {
+    let f = fixture();
+    let content = b"hello, replicated world".to_vec();
+    f.repl
+        .on_message(PEER, begin(1, 0, "dir/new.txt", &content));
+    f.repl.on_message(
+        PEER,
+        ReplMsg::Data {
+            seq: 0,
+            hash: Some(hash_bytes(&content)),
+            bytes: ByteBuf(content.clone()),
+        },
+    );
+    f.repl.on_message(PEER, ReplMsg::End { seq: 0 });
+    assert_eq!(f.ack(0), AckOutcome::Applied);
+    assert_eq!(
+        std::fs::read(f.backing.join("dir/new.txt")).expect("read"),
+        content
+    );
+
+    // A chunk whose bytes do not match its hash: refused, the file stays as it was.
+    let other = b"a different version".to_vec();
+    f.repl.on_message(PEER, begin(2, 1, "dir/new.txt", &other));
+    f.repl.on_message(
+        PEER,
+        ReplMsg::Data {
+            seq: 1,
+            hash: Some(hash_bytes(&other)),
+            bytes: ByteBuf(b"tampered bytes here".to_vec()),
+        },
+    );
+    f.repl.on_message(PEER, ReplMsg::End { seq: 1 });
+    assert!(
+        matches!(
+            f.ack(1),
+            AckOutcome::BaseMismatch { .. } | AckOutcome::Failed { .. }
+        ),
+        "{:?}",
+        f.ack(1)
+    );
+    assert_eq!(
+        std::fs::read(f.backing.join("dir/new.txt")).expect("read"),
+        content
+    );
+    // No intermediate file is left behind.
+    let names: Vec<String> = std::fs::read_dir(f.backing.join("dir"))
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["new.txt".to_string()]);
+}
+
+#[test]
+fn hostile_copies_and_oversized_data_are_refused() {
+    let f = fixture();
+    std::fs::write(f.backing.join("base.bin"), vec![7u8; 100_000]).expect("write");
+    let base = peerfs_replicator::Manifest::from_reader(&vec![7u8; 100_000][..]).expect("m");
+    // A copy far outside the base, with an overflowing length.
+    f.repl.on_message(
+        PEER,
+        ReplMsg::Begin {
+            epoch: 1,
+            seq: 0,
+            path: path("base.bin"),
+            base: Some(*base.content_hash()),
+            size: 10,
+            content_hash: [0; 32],
+            meta: meta(),
+            fence: None,
+            aligned: false,
+            checked: false,
+        },
+    );
+    f.repl.on_message(
+        PEER,
+        ReplMsg::Copy {
+            seq: 0,
+            from_offset: u64::MAX - 3,
+            len: 100,
+        },
+    );
+    f.repl.on_message(PEER, ReplMsg::End { seq: 0 });
+    assert!(
+        matches!(f.ack(0), AckOutcome::Failed { .. }),
+        "{:?}",
+        f.ack(0)
+    );
+    // A chunk part beyond the 64 KiB maximum.
+    f.repl.on_message(PEER, begin(2, 1, "big.bin", &[1u8; 10]));
+    f.repl.on_message(
+        PEER,
+        ReplMsg::Data {
+            seq: 1,
+            hash: None,
+            bytes: ByteBuf(vec![0u8; 70 * 1024]),
+        },
+    );
+    f.repl.on_message(PEER, ReplMsg::End { seq: 1 });
+    assert!(
+        matches!(f.ack(1), AckOutcome::Failed { .. }),
+        "{:?}",
+        f.ack(1)
+    );
+    assert_eq!(
+        std::fs::read(f.backing.join("base.bin")).expect("read"),
+        vec![7u8; 100_000]
+    );
+    assert!(!f.backing.join("big.bin").exists());
+}
+
+#[test]
+fn operations_apply_in_order_and_a_missing_rename_source_asks_for_content() {
+    let f = fixture();
+    let op = |epoch, seq, op| ReplMsg::Op { epoch, seq, op };
+    f.repl.on_message(
+        PEER,
+        op(
+            1,
+            0,
+            NsOp::Mkdir {
+                path: path("a"),
+                meta: Meta {
+                    mode: 0o755,
+                    ..meta()
+                },
+            },
+        ),
+    );
+    f.repl.on_message(
+        PEER,
+        op(
+            1,
+            1,
+            NsOp::Symlink {
+                path: path("a/link"),
+                target: ByteBuf(b"../../etc/passwd".to_vec()),
+                meta: meta(),
+            },
+        ),
+    );
+    f.repl.on_message(
+        PEER,
+        op(
+            1,
+            2,
+            NsOp::Rename {
+                from: path("a"),
+                to: path("b"),
+            },
+        ),
+    );
+    assert_eq!(f.ack(2), AckOutcome::Applied);
+    assert!(f.backing.join("b").is_dir());
+    // The symlink is stored as data; nothing follows it.
+    assert_eq!(
+        std::fs::read_link(f.backing.join("b/link")).expect("link"),
+        std::path::Path::new("../../etc/passwd")
+    );
+    // Creating below the symlink must not escape the backing folder.
+    f.repl.on_message(PEER, begin(1, 3, "b/link/evil", b"x"));
+    f.repl.on_message(PEER, ReplMsg::End { seq: 3 });
+    assert!(
+        matches!(f.ack(3), AckOutcome::Failed { .. }),
+        "{:?}",
+        f.ack(3)
+    );
+    // A rename whose source this server never had asks for the content of the target.
+    f.repl.on_message(
+        PEER,
+        op(
+            2,
+            4,
+            NsOp::Rename {
+                from: path("nowhere"),
+                to: path("b/x"),
+            },
+        ),
+    );
+    assert_eq!(f.ack(4), AckOutcome::NeedContent { path: path("b/x") });
+    f.repl.stop();
+}
