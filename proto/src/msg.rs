@@ -138,6 +138,9 @@ pub enum ReplMsg {
         /// holding another file there keeps both (its own, and this one as a conflict copy).
         /// Unset, such a receiver answers `BaseMismatch` so the sender can look its version up.
         checked: bool,
+        /// A large transfer sent beside the stream: its pieces interleave with the records
+        /// that follow it (none of which touches its path), and it is acknowledged on its own.
+        side: bool,
     },
     /// Bytes of the base version at `from_offset` (whole base chunks).
     Copy {

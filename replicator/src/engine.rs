@@ -43,6 +43,12 @@ pub use crate::apply::TMP_PREFIX;
 const DATA_PART: usize = 60 * 1024;
 /// Records sent ahead of their acknowledgements.
 const MAX_INFLIGHT: usize = 256;
+/// Content transfers with more new bytes than this go beside the stream, so that small changes
+/// queued after a large file do not wait for all of it.
+const SIDE_MIN_BYTES: u64 = 4 * 1024 * 1024;
+/// Side transfers in flight per peer.
+const MAX_SIDE: usize = 2;
+
 /// The receiver reports progress every this many received bytes.
 const PROGRESS_EVERY: u64 = 1024 * 1024;
 
@@ -185,6 +191,10 @@ struct PeerState {
     last_error: Option<String>,
     /// Bumped whenever the stream restarts: a transfer in progress stops.
     generation: u64,
+    /// Side transfers in flight: seq → the path they write.
+    side: HashMap<u64, RelPath>,
+    /// Seqs acknowledged beyond `acked_upto` (side transfers finish out of order).
+    acked_beyond: std::collections::HashSet<u64>,
 }
 
 struct Peer {
@@ -876,6 +886,24 @@ fn read_dir_names(fd: OwnedFd) -> io::Result<Vec<OsString>> {
 // ------------------------------------------------------------------------------------------
 // Sending.
 
+/// What sending a record did.
+enum Sent {
+    /// Sent in the stream (for content, what the peer holds once it acks is registered in the
+    /// in-flight entry before the End goes out).
+    Record,
+    /// Begun beside the stream: the job streams the rest from its own thread.
+    Side(SideJob, (FileId, Hash)),
+}
+
+/// The rest of a side transfer (after its Begin).
+struct SideJob {
+    seq: u64,
+    generation: u64,
+    file: File,
+    new: Manifest,
+    delta: Delta,
+}
+
 /// Why a transfer stopped early.
 enum Stop {
     /// The stream restarted (disconnect, refusal): the record is resent later.
@@ -891,6 +919,8 @@ impl Inner {
         st.cursor = at;
         st.inflight.clear();
         st.progress.clear();
+        st.side.clear();
+        st.acked_beyond.clear();
     }
 
     fn sender(self: Arc<Self>, i: usize) {
@@ -941,21 +971,60 @@ impl Inner {
                 }
                 continue;
             };
-            let ov = p.state.lock().overrides.remove(&rec.seq);
+            // A record touching the path of a side transfer still in flight waits for it.
+            let paths = Self::record_paths(&rec);
+            {
+                let mut st = p.state.lock();
+                while st.generation == generation
+                    && !self.stop.load(Ordering::SeqCst)
+                    && st.side.values().any(|sp| {
+                        paths
+                            .iter()
+                            .any(|rp| rp.starts_with(sp) || sp.starts_with(rp))
+                    })
+                {
+                    p.wake.wait_for(&mut st, Duration::from_millis(200));
+                }
+                if st.generation != generation {
+                    continue;
+                }
+            }
+            // Registered before anything is sent: the ack may come back at once.
+            let ov = {
+                let mut st = p.state.lock();
+                if st.generation != generation {
+                    continue;
+                }
+                st.cursor = rec.seq + 1;
+                st.inflight.push_back(Inflight {
+                    seq: rec.seq,
+                    done: false,
+                    acked: None,
+                });
+                st.overrides.remove(&rec.seq)
+            };
             let result = self.send_record(&p, epoch, generation, &rec, ov);
             let mut st = p.state.lock();
             if st.generation != generation {
                 continue;
             }
             match result {
-                Ok(acked) => {
-                    st.cursor = rec.seq + 1;
-                    st.inflight.push_back(Inflight {
-                        seq: rec.seq,
-                        done: false,
-                        acked,
-                    });
+                Ok(sent) => {
                     p.counters.records_sent.fetch_add(1, Ordering::Relaxed);
+                    if let Sent::Side(job, acked) = sent {
+                        if let Some(f) = st.inflight.iter_mut().find(|f| f.seq == rec.seq) {
+                            f.acked = Some(acked);
+                        }
+                        let (me, peer) = (self.clone(), p.clone());
+                        if let Err(e) = std::thread::Builder::new()
+                            .name(format!("repl-side-{}", p.name))
+                            .spawn(move || me.run_side(peer, job))
+                        {
+                            tracing::error!("cannot start a transfer thread: {e}; retrying");
+                            let at = rec.seq;
+                            self.restart(&mut st, at);
+                        }
+                    }
                 }
                 Err(Stop::Restarted) => {}
                 Err(Stop::Io(e)) => {
@@ -1000,7 +1069,7 @@ impl Inner {
         generation: u64,
         rec: &QueueRecord,
         ov: Option<Override>,
-    ) -> Result<Option<(FileId, Hash)>, Stop> {
+    ) -> Result<Sent, Stop> {
         let seq = rec.seq;
         let Some(path) = path_of_bytes(&rec.path) else {
             // Unrepresentable path: nothing a peer could apply. Send a no-op so acks stay in order.
@@ -1016,7 +1085,7 @@ impl Inner {
                 },
                 true,
             )?;
-            return Ok(None);
+            return Ok(Sent::Record);
         };
         let ov = ov.unwrap_or_default();
         if let Some(path) = ov.as_content {
@@ -1035,7 +1104,7 @@ impl Inner {
             RecordKind::Op(bytes) => {
                 let op: NsOp = postcard::from_bytes(&bytes).map_err(|e| Stop::Io(ioerr(e)))?;
                 self.send(p, ReplMsg::Op { epoch, seq, op }, true)?;
-                Ok(None)
+                Ok(Sent::Record)
             }
             RecordKind::Meta => {
                 let current = self.store.path_of(rec.file).ok().flatten();
@@ -1066,7 +1135,7 @@ impl Inner {
                         true,
                     )?,
                 }
-                Ok(None)
+                Ok(Sent::Record)
             }
             RecordKind::Content => {
                 let current = self.store.path_of(rec.file).ok().flatten();
@@ -1085,7 +1154,7 @@ impl Inner {
                         },
                         true,
                     )?;
-                    return Ok(None);
+                    return Ok(Sent::Record);
                 };
                 self.send_content(
                     p,
@@ -1115,7 +1184,7 @@ impl Inner {
         current: &RelPath,
         base_override: Option<Option<Hash>>,
         fence: Option<u64>,
-    ) -> Result<Option<(FileId, Hash)>, Stop> {
+    ) -> Result<Sent, Stop> {
         let opened = open_parent(self.root(), current, false).and_then(|(dir, name)| {
             let st = lstat_at(dir.as_fd(), &name)?;
             Ok((dir, name, st))
@@ -1134,7 +1203,7 @@ impl Inner {
                     },
                     true,
                 )?;
-                return Ok(None);
+                return Ok(Sent::Record);
             }
             Err(e) => return Err(Stop::Io(e)),
         };
@@ -1152,7 +1221,7 @@ impl Inner {
                 },
                 true,
             )?;
-            return Ok(None);
+            return Ok(Sent::Record);
         }
         if is_kind(&st, libc::S_IFLNK) {
             let target = readlinkat(dir.as_fd(), &name).map_err(Stop::Io)?;
@@ -1170,7 +1239,7 @@ impl Inner {
                 },
                 true,
             )?;
-            return Ok(None);
+            return Ok(Sent::Record);
         }
         if !is_kind(&st, libc::S_IFREG) {
             self.send(
@@ -1184,7 +1253,7 @@ impl Inner {
                 },
                 true,
             )?;
-            return Ok(None);
+            return Ok(Sent::Record);
         }
         let file = File::from(
             openat2_beneath(dir.as_fd(), &name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
@@ -1228,6 +1297,23 @@ impl Inner {
             Some(b) => Delta::compute(b, &new),
             None => Delta::compute(&Manifest::empty(), &new),
         };
+        let new_bytes: u64 = delta
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Data { len, .. } => u64::from(*len),
+                Op::Copy { .. } => 0,
+            })
+            .sum();
+        let side = new_bytes >= SIDE_MIN_BYTES && {
+            let mut st = p.state.lock();
+            if st.generation == generation && st.side.len() < MAX_SIDE {
+                st.side.insert(seq, path.clone());
+                true
+            } else {
+                false
+            }
+        };
         self.send(
             p,
             ReplMsg::Begin {
@@ -1241,17 +1327,71 @@ impl Inner {
                 fence,
                 aligned: aligned(&delta),
                 checked,
+                side,
             },
             true,
         )?;
         let same = base
             .as_ref()
             .is_some_and(|b| b.content_hash() == new.content_hash());
+        let hash = *new.content_hash();
+        if side {
+            return Ok(Sent::Side(
+                SideJob {
+                    seq,
+                    generation,
+                    file,
+                    new,
+                    delta,
+                },
+                (id, hash),
+            ));
+        }
         if !same {
             self.stream_ops(p, generation, seq, &file, &new, &delta)?;
         }
+        // What the peer holds once it acks, recorded before the End that makes it ack.
+        if let Some(f) = p.state.lock().inflight.iter_mut().find(|f| f.seq == seq) {
+            f.acked = Some((id, hash));
+        }
         self.send(p, ReplMsg::End { seq }, true)?;
-        Ok(Some((id, *new.content_hash())))
+        Ok(Sent::Record)
+    }
+
+    /// Streams a side transfer's pieces and its End (on its own thread).
+    fn run_side(self: Arc<Self>, p: Arc<Peer>, job: SideJob) {
+        let r = self
+            .stream_ops(&p, job.generation, job.seq, &job.file, &job.new, &job.delta)
+            .and_then(|()| self.send(&p, ReplMsg::End { seq: job.seq }, true));
+        match r {
+            Ok(()) | Err(Stop::Restarted) => {}
+            Err(Stop::Io(e)) => {
+                let current = p.state.lock().generation == job.generation;
+                if current {
+                    tracing::warn!(peer = %p.name, seq = job.seq, "replication: cannot send: {e}; retrying");
+                    self.backoff(&p, format!("sending a large file: {e}"));
+                }
+            }
+        }
+        p.wake.notify_all();
+    }
+
+    /// Paths a record touches (for ordering against side transfers).
+    fn record_paths(rec: &QueueRecord) -> Vec<RelPath> {
+        let mut out: Vec<RelPath> = path_of_bytes(&rec.path).into_iter().collect();
+        if let RecordKind::Op(bytes) = &rec.kind {
+            if let Ok(op) = postcard::from_bytes::<NsOp>(bytes) {
+                match op {
+                    NsOp::Rename { from, to } => out.extend([from, to]),
+                    NsOp::Link { existing, path } => out.extend([existing, path]),
+                    NsOp::Mkdir { path, .. }
+                    | NsOp::Symlink { path, .. }
+                    | NsOp::Remove { path }
+                    | NsOp::SetMeta { path, .. } => out.push(path),
+                }
+            }
+        }
+        out
     }
 
     fn stream_ops(
@@ -1347,6 +1487,8 @@ impl Inner {
         match outcome {
             AckOutcome::Applied => {
                 st.inflight[pos].done = true;
+                st.acked_beyond.insert(seq);
+                st.side.remove(&seq);
                 st.backoff = Duration::ZERO;
                 st.last_error = None;
             }
@@ -1358,6 +1500,8 @@ impl Inner {
                 st.last_error = Some(error);
                 st.inflight[pos].done = true;
                 st.inflight[pos].acked = None;
+                st.acked_beyond.insert(seq);
+                st.side.remove(&seq);
             }
             AckOutcome::Failed { error, retry: true } => {
                 tracing::warn!(peer = %p.name, seq, "replication: the peer could not apply a change: {error}; retrying");
@@ -1401,6 +1545,7 @@ impl Inner {
         }
         if let Some(last) = last {
             st.acked_upto = Some(last);
+            st.acked_beyond.retain(|s| *s > last);
         }
         drop(st);
         p.wake.notify_all();
@@ -1439,7 +1584,10 @@ impl Inner {
     fn waiter_done(&self, w: &Waiter) -> bool {
         w.targets.iter().all(|(i, seq)| {
             let st = self.peers[*i].state.lock();
-            !st.connected || st.retry_at.is_some() || st.acked_upto.is_some_and(|a| a >= *seq)
+            !st.connected
+                || st.retry_at.is_some()
+                || st.acked_upto.is_some_and(|a| a >= *seq)
+                || st.acked_beyond.contains(seq)
         })
     }
 
@@ -1512,12 +1660,15 @@ impl Inner {
         let mut epoch = 0u64;
         let mut halted = false;
         let mut cur: Option<Transfer> = None;
+        // Side transfers in progress (their pieces interleave with the stream).
+        let mut side: HashMap<u64, Transfer> = HashMap::new();
         while let Ok(m) = rx.recv() {
             let msg = match m {
                 Incoming::Reset => {
                     epoch = 0;
                     halted = false;
                     cur = None;
+                    side.clear();
                     continue;
                 }
                 Incoming::Msg(m) => m,
@@ -1535,6 +1686,7 @@ impl Inner {
                     epoch = e;
                     halted = false;
                     cur = None;
+                    side.clear();
                 }
                 if halted {
                     continue;
@@ -1570,6 +1722,7 @@ impl Inner {
                     aligned,
                     fence,
                     checked,
+                    side: beside,
                     ..
                 } => match self.begin(
                     &p,
@@ -1583,6 +1736,9 @@ impl Inner {
                     fence,
                     checked,
                 ) {
+                    Ok(t) if beside => {
+                        side.insert(seq, t);
+                    }
                     Ok(t) => cur = Some(t),
                     Err(outcome) => {
                         ack(seq, outcome);
@@ -1595,7 +1751,11 @@ impl Inner {
                     from_offset,
                     len,
                 } => {
-                    if let Some(t) = cur.as_mut().filter(|t| t.seq == seq) {
+                    let t = match cur.as_mut().filter(|t| t.seq == seq) {
+                        Some(t) => Some(t),
+                        None => side.get_mut(&seq),
+                    };
+                    if let Some(t) = t {
                         if t.failed.is_none() {
                             if let Err(e) = t.copy(from_offset, len) {
                                 t.failed = Some(failed(&e));
@@ -1604,7 +1764,11 @@ impl Inner {
                     }
                 }
                 ReplMsg::Data { seq, hash, bytes } => {
-                    if let Some(t) = cur.as_mut().filter(|t| t.seq == seq) {
+                    let t = match cur.as_mut().filter(|t| t.seq == seq) {
+                        Some(t) => Some(t),
+                        None => side.get_mut(&seq),
+                    };
+                    if let Some(t) = t {
                         let n = bytes.0.len() as u64;
                         if t.failed.is_none() {
                             if let Err(e) = t.data(hash, &bytes.0) {
@@ -1629,7 +1793,12 @@ impl Inner {
                     }
                 }
                 ReplMsg::End { seq } => {
-                    if let Some(t) = cur.take().filter(|t| t.seq == seq) {
+                    let t = if cur.as_ref().is_some_and(|t| t.seq == seq) {
+                        cur.take()
+                    } else {
+                        side.remove(&seq)
+                    };
+                    if let Some(t) = t {
                         let outcome = self.finish(&p, t);
                         if !ack(seq, outcome) {
                             halted = true;

@@ -109,6 +109,7 @@ fn begin(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
         fence: None,
         aligned: false,
         checked: false,
+        side: false,
     }
 }
 
@@ -184,6 +185,7 @@ fn hostile_copies_and_oversized_data_are_refused() {
             fence: None,
             aligned: false,
             checked: false,
+            side: false,
         },
     );
     f.repl.on_message(

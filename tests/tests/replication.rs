@@ -237,7 +237,15 @@ fn overwrites_are_patched_in_place_unless_a_reader_has_the_file_open() {
             .ino()
     };
     let before = ino(&p);
-    // No one has it open on B: the overwrite is patched into the same file (O(edit)).
+    // No one has it open on B (the reads above release their handles asynchronously): the
+    // overwrite is patched into the same file (O(edit)).
+    wait_until("B's drive has no open handles", SYNC, || {
+        let st = p.status(B)?;
+        match st["stats"]["open_handles"].as_u64() {
+            Some(0) => Ok(()),
+            other => Err(format!("open_handles {other:?}")),
+        }
+    });
     {
         let f = OpenOptions::new()
             .write(true)
@@ -412,4 +420,22 @@ fn a_deleted_file_lands_in_the_trash_and_a_restore_replicates() {
     assert_eq!(out.code, Some(0), "{}", out.describe());
     wait_content(&p, B, "docs/plan.txt", b"the plan");
     wait_content(&p, A, "docs/plan.txt", b"the plan");
+}
+
+#[test]
+fn small_changes_are_not_held_up_by_a_large_transfer() {
+    let p = Peers::start(2);
+    fs::create_dir(p.file(A, "big")).expect("mkdir");
+    let big = pseudo_random(48 << 20, 3);
+    fs::write(p.file(A, "big/video.bin"), &big).expect("write big");
+    // Queued behind the large file: a small file elsewhere, a folder, a rename of the small
+    // one, and an edit of the large file's folder contents that must wait for it.
+    fs::write(p.file(A, "note.txt"), b"small").expect("write small");
+    fs::create_dir(p.file(A, "later")).expect("mkdir later");
+    fs::rename(p.file(A, "note.txt"), p.file(A, "later/note.txt")).expect("rename");
+    fs::write(p.file(A, "big/readme.txt"), b"beside the video").expect("write beside");
+    wait_content(&p, B, "later/note.txt", b"small");
+    wait_content(&p, B, "big/video.bin", &big);
+    wait_content(&p, B, "big/readme.txt", b"beside the video");
+    wait_gone(&p, B, "note.txt");
 }
