@@ -236,6 +236,10 @@ struct Dirty {
     /// Locks of names this file was renamed onto while open for writing (GIO renames its
     /// stream over the document before closing it): held until the last writer goes.
     locks: Vec<RelPath>,
+    /// The file got a replicated name by a rename while these write handles were open: it
+    /// ships when they are all released, even if the application reopened it meanwhile
+    /// (PowerPoint reopens the document before the kernel releases the temp's handle).
+    ship_after: Vec<u64>,
 }
 
 /// Ranges beyond this many are not worth tracking: the file is re-chunked in full.
@@ -393,8 +397,6 @@ pub struct Vfs {
     dirty: Mutex<HashMap<NodeId, Dirty>>,
     /// Files a peer's update is patching in place: their opens wait (see [`Vfs::remote_gate`]).
     patching: Mutex<std::collections::HashSet<NodeId>>,
-    /// Nodes whose name a peer's update gave to a new file (see `check_not_replaced`).
-    replaced: Mutex<std::collections::HashSet<NodeId>>,
     patched: parking_lot::Condvar,
     /// Write opens of files at least this big are served by the drive (not kernel
     /// passthrough), so their written ranges are known and a small edit costs a small delta.
@@ -444,7 +446,6 @@ impl Vfs {
             replicator: std::sync::OnceLock::new(),
             dirty: Mutex::new(HashMap::new()),
             patching: Mutex::new(std::collections::HashSet::new()),
-            replaced: Mutex::new(std::collections::HashSet::new()),
             patched: parking_lot::Condvar::new(),
             track_min_size: cfg.track_min_size,
             excludes: cfg.excludes,
@@ -514,7 +515,22 @@ impl Vfs {
     }
 
     /// The last write handle of `node` went away: report its new content (if it changed).
-    fn track_release(&self, node: NodeId, fd: BorrowedFd<'_>) {
+    fn track_release(&self, node: NodeId, fh: u64, fd: BorrowedFd<'_>) {
+        // A rename gave the file its name while `fh` was open: once every such handle is gone,
+        // that save ships, whoever else has the file open by now.
+        let ship = {
+            let mut dirty = self.dirty.lock();
+            match dirty.get_mut(&node) {
+                Some(d) if d.ship_after.contains(&fh) => {
+                    d.ship_after.retain(|x| *x != fh);
+                    d.ship_after.is_empty() && d.writers > 1
+                }
+                _ => false,
+            }
+        };
+        if ship {
+            self.save_point(node, fd);
+        }
         let locks = self.track_release_report(node, fd);
         if let Some(l) = self.locks.get() {
             for path in locks {
@@ -608,8 +624,9 @@ impl Vfs {
                 .is_some_and(|(a, b)| a.st_ino == b.st_ino && a.st_dev == b.st_dev);
             if !same {
                 // Replaced by a new file: the old node keeps serving its open handles only.
-                self.nodes.write().unlinked(pnode, name);
-                self.replaced.lock().insert(old);
+                let mut nodes = self.nodes.write();
+                nodes.mark_replaced(old);
+                nodes.unlinked(pnode, name);
             }
             inv.data(old);
         }
@@ -641,11 +658,15 @@ impl Vfs {
         let Some(pnode) = self.known_dir(&parent) else {
             return;
         };
-        let old = self.nodes.read().child(pnode, name);
-        self.nodes.write().unlinked(pnode, name);
-        if let Some(old) = old {
-            self.replaced.lock().insert(old);
-        }
+        let old = {
+            let mut nodes = self.nodes.write();
+            let old = nodes.child(pnode, name);
+            if let Some(old) = old {
+                nodes.mark_replaced(old);
+            }
+            nodes.unlinked(pnode, name);
+            old
+        };
         if let Some(inv) = self.invalidator.get() {
             if let Some(old) = old {
                 inv.inode(old);
@@ -864,18 +885,14 @@ impl Vfs {
 
     /// Drops `n` kernel references to `id`.
     pub fn forget(&self, id: NodeId, n: u64) {
-        let mut nodes = self.nodes.write();
-        nodes.forget(id, n);
-        if nodes.get(id).is_none() {
-            self.replaced.lock().remove(&id);
-        }
+        self.nodes.write().forget(id, n);
     }
 
     /// Refuses to open (or truncate by name) a file a peer's update replaced: the kernel
     /// reached it through a name it cached before the update. ESTALE makes the kernel look
     /// the name up again and open the new version (the path walk retries with LOOKUP_REVAL).
     fn check_not_replaced(&self, id: NodeId) -> Result<()> {
-        if self.replaced.lock().contains(&id) {
+        if self.nodes.read().is_replaced(id) {
             return Err(VfsError::os(libc::ESTALE));
         }
         Ok(())
@@ -1202,12 +1219,21 @@ impl Vfs {
             );
             // A file still open for writing that now has the name keeps the name's lock until
             // its last writer goes: no other office may write it meanwhile.
-            if let Some(node) = self.nodes.read().child(newparent, newname_os) {
+            let node = self.nodes.read().child(newparent, newname_os);
+            if let Some(node) = node {
+                let handles: Vec<u64> = self
+                    .files
+                    .read()
+                    .iter()
+                    .filter(|(_, h)| h.node == node && h.writes)
+                    .map(|(fh, _)| *fh)
+                    .collect();
                 let mut dirty = self.dirty.lock();
                 if let Some(d) = dirty.get_mut(&node).filter(|d| d.writers > 0) {
                     if let Some(path) = to_guard.and_then(LockGuard::keep) {
                         d.locks.push(path);
                     }
+                    d.ship_after = handles;
                 }
             }
             Ok(())
@@ -1424,7 +1450,7 @@ impl Vfs {
                 // The last writer reports the new content before the lock goes: the replicator
                 // holds the lock until the peers have the new version.
                 if h.writes {
-                    self.track_release(h.node, h.fd.as_fd());
+                    self.track_release(h.node, fh, h.fd.as_fd());
                 }
                 // The last write handle of a name lets its lock go (lockd counts references).
                 if let (Some(path), Some(locks)) = (&h.lock, self.locks.get()) {

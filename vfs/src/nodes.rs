@@ -43,6 +43,9 @@ pub(crate) struct NodeTable {
     by_name: HashMap<(NodeId, OsString), NodeId>,
     foreign: HashMap<(u64, u64), NodeId>,
     next_foreign: NodeId,
+    /// Nodes whose name now leads to another inode because the backing folder changed behind
+    /// the kernel (a peer's update): found so by a lookup, or marked by the replicator.
+    replaced: std::collections::HashSet<NodeId>,
 }
 
 impl NodeTable {
@@ -66,6 +69,7 @@ impl NodeTable {
             by_name: HashMap::new(),
             foreign: HashMap::new(),
             next_foreign: FOREIGN_BASE,
+            replaced: std::collections::HashSet::new(),
         }
     }
 
@@ -128,7 +132,7 @@ impl NodeTable {
         }
         if let Some((parent, name)) = at {
             if id != ROOT {
-                self.set_loc(id, Some((parent, name.to_os_string())));
+                self.set_loc_replacing(id, Some((parent, name.to_os_string())), true);
             }
         }
         id
@@ -168,6 +172,7 @@ impl NodeTable {
             let Some(node) = self.nodes.remove(&id) else {
                 return;
             };
+            self.replaced.remove(&id);
             if let Some(key) = node.foreign_key {
                 self.foreign.remove(&key);
             }
@@ -188,6 +193,24 @@ impl NodeTable {
 
     /// Moves `id` to a new location (or none), keeping parent child counts and the name index.
     fn set_loc(&mut self, id: NodeId, loc: Option<(NodeId, OsString)>) {
+        self.set_loc_replacing(id, loc, false);
+    }
+
+    /// Whether a peer's update replaced the file `id` was found as.
+    pub(crate) fn is_replaced(&self, id: NodeId) -> bool {
+        self.replaced.contains(&id)
+    }
+
+    /// Marks `id` as replaced by a peer's update (see `is_replaced`).
+    pub(crate) fn mark_replaced(&mut self, id: NodeId) {
+        if self.nodes.contains_key(&id) {
+            self.replaced.insert(id);
+        }
+    }
+
+    /// [`Self::set_loc`]; `replacing`: a lookup found `id` under a name the kernel knew as
+    /// another node, so that node was replaced behind the kernel's back.
+    fn set_loc_replacing(&mut self, id: NodeId, loc: Option<(NodeId, OsString)>, replacing: bool) {
         let Some(node) = self.nodes.get_mut(&id) else {
             return;
         };
@@ -199,6 +222,9 @@ impl NodeTable {
         if let Some(key) = loc {
             if let Some(prev) = self.by_name.insert(key.clone(), id) {
                 if prev != id {
+                    if replacing {
+                        self.replaced.insert(prev);
+                    }
                     self.clear_loc_of(prev);
                 }
             }
