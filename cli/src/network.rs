@@ -265,6 +265,10 @@ impl Network {
         }));
         self.repl
             .set_applied(Arc::new(DriveCaches(Arc::downgrade(vfs))));
+        let locks = Arc::clone(&self.locks);
+        self.repl.set_held_probe(Arc::new(move |path| {
+            locks.holder_of(path) == Some(locks.me())
+        }));
     }
 
     /// `trash-restore` for the control socket: moves the entry back into the backing folder,

@@ -73,6 +73,9 @@ pub trait Applied: Send + Sync {
     fn ungate(&self, _ino: u64) {}
 }
 
+/// Whether this server holds the lock on a name (see [`Replicator::set_held_probe`]).
+pub type HeldProbe = Arc<dyn Fn(&RelPath) -> bool + Send + Sync>;
+
 /// The network, as the replicator needs it.
 pub trait Transport: Send + Sync {
     /// Queues `msg` for `peer` (Bulk lane when `bulk`, else Control); false if not connected.
@@ -224,6 +227,9 @@ struct Inner {
     transport: Arc<dyn Transport>,
     peers: Vec<Arc<Peer>>,
     applied: Mutex<Option<Arc<dyn Applied>>>,
+    /// Whether this server holds (or lingers) the lock on a name: a removal held back for a
+    /// save waits at least that long.
+    held_probe: Mutex<Option<HeldProbe>>,
     trash: TrashFn,
     /// Removals held back while a save may put a new file at the name.
     held: Mutex<HashMap<RelPath, Instant>>,
@@ -312,6 +318,7 @@ impl Replicator {
             transport,
             peers,
             applied: Mutex::new(None),
+            held_probe: Mutex::new(None),
             trash,
             held: Mutex::new(HashMap::new()),
             fences: Mutex::new(HashMap::new()),
@@ -347,6 +354,12 @@ impl Replicator {
         *self.inner.applied.lock() = Some(applied);
     }
 
+    /// Installs the lock probe: a removal held back for a save ships only once this server no
+    /// longer holds the name's lock (the save dance is over).
+    pub fn set_held_probe(&self, probe: HeldProbe) {
+        *self.inner.held_probe.lock() = Some(probe);
+    }
+
     /// Stops the threads (queues stay in sled).
     pub fn stop(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
@@ -366,6 +379,11 @@ impl Replicator {
                 .into_iter()
                 .map(|(i, s)| (self.inner.peers[i].id, s))
                 .collect(),
+            // Gone already (created and removed in a moment): the removal's record covers it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::debug!("replication: a changed object vanished before it was recorded");
+                Vec::new()
+            }
             Err(e) => {
                 tracing::error!("replication: cannot record a local change: {e}");
                 Vec::new()
@@ -835,6 +853,7 @@ impl Inner {
         while !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(50));
             let now = Instant::now();
+            let probe = self.held_probe.lock().clone();
             let due: Vec<RelPath> = {
                 let mut held = self.held.lock();
                 let due: Vec<RelPath> = held
@@ -842,10 +861,17 @@ impl Inner {
                     .filter(|(_, t)| **t <= now)
                     .map(|(p, _)| p.clone())
                     .collect();
-                for p in &due {
-                    held.remove(p);
+                let mut out = Vec::new();
+                for p in due {
+                    if probe.as_ref().is_some_and(|f| f(&p)) {
+                        // Still locked here: the save may yet put a file there.
+                        held.insert(p, now + Duration::from_millis(200));
+                    } else {
+                        held.remove(&p);
+                        out.push(p);
+                    }
                 }
-                due
+                out
             };
             for p in due {
                 if let Err(e) = self.enqueue_remove(&p) {
@@ -1273,12 +1299,14 @@ impl Inner {
         // (Decoded one at a time: a 4 GiB file's manifest is ~25 MB.)
         let decode = |b: Option<Vec<u8>>| b.and_then(|b| Manifest::decode(&b).ok());
         let acked = || decode(self.store.acked_manifest(&p.key, id).ok().flatten());
+        let sent = || decode(self.store.sent_manifest(&p.key, id).ok().flatten());
         let prev = || decode(self.store.prev_manifest(id).ok().flatten());
         let base: Option<Manifest> = match base_override {
             Some(None) => None,
             Some(Some(h)) if h == *new.content_hash() => Some(new.clone()),
             Some(Some(h)) => acked()
                 .filter(|m| *m.content_hash() == h)
+                .or_else(|| sent().filter(|m| *m.content_hash() == h))
                 .or_else(|| prev().filter(|m| *m.content_hash() == h))
                 .or_else(|| {
                     // Any version this server knows by that hash (e.g. the file a rename here
@@ -1293,6 +1321,9 @@ impl Inner {
             None => acked().or_else(prev),
         };
         let checked = matches!(base_override, Some(Some(_))) && base.is_none();
+        if let Err(e) = self.store.set_sent_manifest(&p.key, id, &new.encode()) {
+            return Err(Stop::Io(ioerr(e)));
+        }
         let delta = match &base {
             Some(b) => Delta::compute(b, &new),
             None => Delta::compute(&Manifest::empty(), &new),
@@ -1550,25 +1581,16 @@ impl Inner {
         drop(st);
         p.wake.notify_all();
         for (id, hash) in acked {
-            // The version sent is the file's current one or, if it changed since, the previous.
-            let current_hash = self
+            // What was sent is what the peer now holds (recorded at send time, so a file that
+            // changed again meanwhile does not lose track of it).
+            let sent_matches = self
                 .store
-                .file_state(id)
+                .sent_manifest(&p.key, id)
                 .ok()
                 .flatten()
-                .and_then(|st| st.version)
-                .map(|v| v.hash);
-            let m = if current_hash == Some(hash) {
-                self.store.manifest(id).ok().flatten()
-            } else {
-                self.store
-                    .prev_manifest(id)
-                    .ok()
-                    .flatten()
-                    .filter(|b| Manifest::decode(b).is_ok_and(|m| *m.content_hash() == hash))
-            };
-            if let Some(m) = m {
-                if let Err(e) = self.store.set_acked_manifest(&p.key, id, &m) {
+                .is_some_and(|b| Manifest::decode(&b).is_ok_and(|m| *m.content_hash() == hash));
+            if sent_matches {
+                if let Err(e) = self.store.promote_sent(&p.key, id) {
                     tracing::warn!("replication: cannot record an acknowledgement: {e}");
                 }
             }

@@ -266,6 +266,7 @@ const K_QUEUE: u8 = b'Q'; // peer, seq -> QueueRecord
 const K_COALESCE: u8 = b'C'; // peer, file, kind tag -> seq of the pending record
 const K_STATS: u8 = b'S'; // peer -> PeerStats
 const K_ACKED: u8 = b'A'; // file, peer -> manifest the peer acked
+const K_SENT: u8 = b's'; // file, peer -> manifest last sent to the peer (acked or not)
 const K_PREV: u8 = b'p'; // FileId -> manifest of the version before the current one
 const K_HASH: u8 = b'H'; // content hash -> FileId that had it (current or previous version)
 
@@ -314,6 +315,10 @@ fn queue_key(peer: &PeerKey, seq: u64) -> Vec<u8> {
 
 fn coalesce_key(peer: &PeerKey, file: FileId, tag: u8) -> Vec<u8> {
     key(K_COALESCE, &[peer, &file.0.to_be_bytes(), &[tag]])
+}
+
+fn sent_key(file: FileId, peer: &PeerKey) -> Vec<u8> {
+    key(K_SENT, &[&file.0.to_be_bytes(), peer])
 }
 
 fn acked_key(file: FileId, peer: &PeerKey) -> Vec<u8> {
@@ -511,6 +516,9 @@ impl Store {
         b.del(id_key(K_FILE, id));
         b.del(id_key(K_MANIFEST, id));
         b.del(id_key(K_PREV, id));
+        for kv in self.kv.scan_prefix(&id_key(K_SENT, id)) {
+            b.del(kv?.0);
+        }
         for kv in self.kv.scan_prefix(&id_key(K_ACKED, id)) {
             b.del(kv?.0);
         }
@@ -782,6 +790,38 @@ impl Store {
         let mut b = Batch::default();
         b.put(acked_key(file, peer), m);
         self.kv.apply(b)
+    }
+
+    /// Remembers the manifest just sent to `peer` for `file`: when the ack comes, it becomes
+    /// the acked one ([`Store::promote_sent`]) even if the file changed meanwhile; and if the
+    /// peer says it holds this version, it is a valid base.
+    pub fn set_sent_manifest(&self, peer: &PeerKey, file: FileId, manifest: &[u8]) -> Result<()> {
+        let _g = self.lock();
+        let mut m = Vec::with_capacity(manifest.len() + 1);
+        m.push(FORMAT);
+        m.extend_from_slice(manifest);
+        let mut b = Batch::default();
+        b.put(sent_key(file, peer), m);
+        self.kv.apply(b)
+    }
+
+    pub fn sent_manifest(&self, peer: &PeerKey, file: FileId) -> Result<Option<Vec<u8>>> {
+        self.kv
+            .get(&sent_key(file, peer))?
+            .map(|v| check_version("sent manifest", &v).map(<[u8]>::to_vec))
+            .transpose()
+    }
+
+    /// The peer acknowledged the version last sent: it becomes the acked manifest.
+    pub fn promote_sent(&self, peer: &PeerKey, file: FileId) -> Result<bool> {
+        let _g = self.lock();
+        let Some(v) = self.kv.get(&sent_key(file, peer))? else {
+            return Ok(false);
+        };
+        let mut b = Batch::default();
+        b.put(acked_key(file, peer), v);
+        self.kv.apply(b)?;
+        Ok(true)
     }
 
     pub fn acked_manifest(&self, peer: &PeerKey, file: FileId) -> Result<Option<Vec<u8>>> {
