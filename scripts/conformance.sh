@@ -16,7 +16,8 @@
 #
 # Environment:
 #   PEERFS_BIN          use this peerfs binary instead of building target/release/peerfs
-#   CONFORMANCE_MODES   modes to test (default "passthrough daemon")
+#   CONFORMANCE_MODES   modes to test (default "passthrough daemon networked"; networked: the
+#                       drive has a connected peer that receives everything it replicates)
 #   PEERFS_PASSTHROUGH  0 or 1: shorthand for CONFORMANCE_MODES=daemon / passthrough
 #   CONFORMANCE_DIR     parent of the scratch directory (default /var/tmp); use a disk
 #                       filesystem such as ext4, not tmpfs
@@ -41,7 +42,7 @@ OUT=${CONFORMANCE_OUT:-$ROOT/target/conformance}
 case "${PEERFS_PASSTHROUGH:-}" in
     0 | false) MODES=daemon ;;
     1 | true) MODES=passthrough ;;
-    *) MODES=${CONFORMANCE_MODES:-passthrough daemon} ;;
+    *) MODES=${CONFORMANCE_MODES:-passthrough daemon networked} ;;
 esac
 read -r -a FILTER <<<"${PJDFSTEST_FILTER:-}"
 
@@ -282,6 +283,68 @@ compare_pjdfstest() {
     fi
 }
 
+# ---------------------------------------------------------------- networked mode
+
+# free_port: a TCP port nothing listens on now.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# net_setup I CFG: gives drive I a peer (its own identity, backing, mount and daemon) and
+# writes CFG's network settings (listen before the tables, the peer after them).
+net_setup() {
+    local i=$1 cfg=$2 pcfg pstate pbak pmnt port_a port_b id_a id_b
+    pcfg=$WORK/peer$i.toml
+    pstate=$WORK/pstate$i
+    pbak=$WORK/pbak$i
+    pmnt=$WORK/pmnt$i
+    mkdir -m 755 "$pbak" "$pmnt"
+    id_a=$("$PEERFS" init --state "$WORK/state$i" --name conformance | tail -n 1) || return 1
+    id_b=$("$PEERFS" init --state "$pstate" --name replica | tail -n 1) || return 1
+    port_a=$(free_port)
+    port_b=$(free_port)
+    sed -i "/^log_level/a listen = \"127.0.0.1:$port_a\"" "$cfg"
+    printf '\n[[peers]]\nname = "replica"\nid = "%s"\naddress = "127.0.0.1:%s"\n' \
+        "$id_b" "$port_b" >>"$cfg"
+    printf 'name = "replica"\nbacking = "%s"\nmountpoint = "%s"\nstate = "%s"\nlisten = "127.0.0.1:%s"\n\n[[peers]]\nname = "conformance"\nid = "%s"\naddress = "127.0.0.1:%s"\n' \
+        "$pbak" "$pmnt" "$pstate" "$port_b" "$id_a" "$port_a" >"$pcfg"
+    STATES+=("networked-replica:$pstate")
+    MOUNTS+=("$pmnt")
+    mkdir -p "$OUT/networked-replica"
+    timeout 60 "$PEERFS" mount --config "$pcfg" --daemon
+}
+
+# net_converged CFG BACKING REPLICA: waits (bounded) until the drive's queue to its peer is
+# empty, then compares the two backing folders.
+net_converged() {
+    local cfg=$1 a=$2 b=$3 deadline=$((SECONDS + 120)) q
+    while :; do
+        q=$("$PEERFS" status --config "$cfg" --json 2>/dev/null |
+            python3 -c 'import json,sys; print(sum(p.get("queue", 0) for p in json.load(sys.stdin).get("peers", [])))' 2>/dev/null || echo "?")
+        [[ "$q" == 0 ]] && break
+        if ((SECONDS > deadline)); then
+            echo "queue to the replica still $q after 120 s"
+            return 1
+        fi
+        sleep 0.2
+    done
+    # The same names, kinds, modes, symlink targets and contents (times are not compared:
+    # atime never replicates).
+    local la lb
+    la=$(cd "$a" && find . -mindepth 1 -printf '%y %m %l %s %p\n' | sort)
+    lb=$(cd "$b" && find . -mindepth 1 -printf '%y %m %l %s %p\n' | sort)
+    if [[ "$la" != "$lb" ]]; then
+        echo "trees differ (drive < > replica):"
+        diff <(echo "$la") <(echo "$lb") | head -n 20
+        return 1
+    fi
+    if ! diff -r --no-dereference "$a" "$b" >/dev/null; then
+        echo "file contents differ:"
+        diff -rq --no-dereference "$a" "$b" | head -n 20
+        return 1
+    fi
+}
+
 # ---------------------------------------------------------------- runs
 
 # Paths are short and of equal length for the plain directory and every mount: pjdfstest
@@ -294,9 +357,9 @@ i=0
 for mode in $MODES; do
     i=$((i + 1))
     case $mode in
-        passthrough) passthrough=true ;;
+        passthrough | networked) passthrough=true ;;
         daemon) passthrough=false ;;
-        *) die "unknown mode $mode (passthrough or daemon)" ;;
+        *) die "unknown mode $mode (passthrough, daemon or networked)" ;;
     esac
     cfg=$WORK/peerfs$i.toml
     backing=$WORK/bak$i
@@ -314,6 +377,14 @@ log_level = "info"
 [drive]
 passthrough = $passthrough
 EOF
+    if [[ $mode == networked ]]; then
+        # A second server replicating everything the suite does: the drive under test locks
+        # and ships every change to it.
+        net_setup "$i" "$cfg" || {
+            FAILURES+=("peer setup ($mode)")
+            continue
+        }
+    fi
 
     log "mounting peerfs ($mode): $PEERFS mount --config $cfg --daemon"
     STATES+=("$mode:$state")
@@ -356,6 +427,15 @@ EOF
 
     timeout 30 "$PEERFS" status --config "$cfg" --json >"$OUT/$mode/status.json" 2>&1 ||
         echo "warning: peerfs status failed: $(head -c 300 "$OUT/$mode/status.json")"
+
+    if [[ $mode == networked ]]; then
+        log "the replica converges to the drive's tree"
+        if net_converged "$cfg" "$backing" "$WORK/pbak$i"; then
+            echo "replica's backing folder equals the drive's (content, names, modes, symlinks)"
+        else
+            FAILURES+=("replica ($mode) differs from the drive")
+        fi
+    fi
 
     log "unmounting peerfs ($mode)"
     if timeout 60 "$PEERFS" unmount "$mnt" && ! is_mounted "$mnt"; then
