@@ -934,8 +934,11 @@ struct SideJob {
 enum Stop {
     /// The stream restarted (disconnect, refusal): the record is resent later.
     Restarted,
-    /// The file changed or vanished under us: retry after a short backoff.
+    /// Reading or sending failed: retry with backoff, reported in `status`.
     Io(io::Error),
+    /// A local writer changed the file while it was being sent: send its newer version in a
+    /// moment (no backoff, nothing to report).
+    Changed,
 }
 
 impl Inner {
@@ -1053,6 +1056,11 @@ impl Inner {
                     }
                 }
                 Err(Stop::Restarted) => {}
+                Err(Stop::Changed) => {
+                    drop(st);
+                    tracing::debug!(peer = %p.name, seq = rec.seq, "replication: the file changed while being sent; sending it again");
+                    self.retry_soon(&p);
+                }
                 Err(Stop::Io(e)) => {
                     drop(st);
                     tracing::warn!(peer = %p.name, seq = rec.seq, "replication: cannot send: {e}; retrying");
@@ -1063,6 +1071,14 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Restarts the stream at the oldest unacknowledged record after a short pause.
+    fn retry_soon(&self, p: &Peer) {
+        let mut st = p.state.lock();
+        st.retry_at = Some(Instant::now() + Duration::from_millis(50));
+        let at = st.inflight.front().map_or(st.cursor, |f| f.seq);
+        self.restart(&mut st, at);
     }
 
     fn backoff(&self, p: &Peer, error: String) {
@@ -1299,14 +1315,14 @@ impl Inner {
         // (Decoded one at a time: a 4 GiB file's manifest is ~25 MB.)
         let decode = |b: Option<Vec<u8>>| b.and_then(|b| Manifest::decode(&b).ok());
         let acked = || decode(self.store.acked_manifest(&p.key, id).ok().flatten());
-        let sent = || decode(self.store.sent_manifest(&p.key, id).ok().flatten());
+        let sent = |h: &Hash| decode(self.store.sent_manifest(&p.key, id, h).ok().flatten());
         let prev = || decode(self.store.prev_manifest(id).ok().flatten());
         let base: Option<Manifest> = match base_override {
             Some(None) => None,
             Some(Some(h)) if h == *new.content_hash() => Some(new.clone()),
             Some(Some(h)) => acked()
                 .filter(|m| *m.content_hash() == h)
-                .or_else(|| sent().filter(|m| *m.content_hash() == h))
+                .or_else(|| sent(&h).filter(|m| *m.content_hash() == h))
                 .or_else(|| prev().filter(|m| *m.content_hash() == h))
                 .or_else(|| {
                     // Any version this server knows by that hash (e.g. the file a rename here
@@ -1321,7 +1337,10 @@ impl Inner {
             None => acked().or_else(prev),
         };
         let checked = matches!(base_override, Some(Some(_))) && base.is_none();
-        if let Err(e) = self.store.set_sent_manifest(&p.key, id, &new.encode()) {
+        if let Err(e) =
+            self.store
+                .set_sent_manifest(&p.key, id, seq, new.content_hash(), &new.encode())
+        {
             return Err(Stop::Io(ioerr(e)));
         }
         let delta = match &base {
@@ -1396,6 +1415,11 @@ impl Inner {
             .and_then(|()| self.send(&p, ReplMsg::End { seq: job.seq }, true));
         match r {
             Ok(()) | Err(Stop::Restarted) => {}
+            Err(Stop::Changed) => {
+                if p.state.lock().generation == job.generation {
+                    self.retry_soon(&p);
+                }
+            }
             Err(Stop::Io(e)) => {
                 let current = p.state.lock().generation == job.generation;
                 if current {
@@ -1464,9 +1488,15 @@ impl Inner {
                     ci += 1;
                     let n = *len as usize;
                     let b = &mut buf[..n];
-                    file.read_exact_at(b, c.offset).map_err(Stop::Io)?;
+                    file.read_exact_at(b, c.offset).map_err(|e| {
+                        if e.kind() == io::ErrorKind::UnexpectedEof {
+                            Stop::Changed
+                        } else {
+                            Stop::Io(e)
+                        }
+                    })?;
                     if hash_bytes(b) != *hash {
-                        return Err(Stop::Io(ioerr("the file changed while it was being sent")));
+                        return Err(Stop::Changed);
                     }
                     // Flow control: wait for the receiver to catch up.
                     self.wait_window(p, generation, seq, sent)?;
@@ -1583,16 +1613,8 @@ impl Inner {
         for (id, hash) in acked {
             // What was sent is what the peer now holds (recorded at send time, so a file that
             // changed again meanwhile does not lose track of it).
-            let sent_matches = self
-                .store
-                .sent_manifest(&p.key, id)
-                .ok()
-                .flatten()
-                .is_some_and(|b| Manifest::decode(&b).is_ok_and(|m| *m.content_hash() == hash));
-            if sent_matches {
-                if let Err(e) = self.store.promote_sent(&p.key, id) {
-                    tracing::warn!("replication: cannot record an acknowledgement: {e}");
-                }
+            if let Err(e) = self.store.promote_sent(&p.key, id, &hash) {
+                tracing::warn!("replication: cannot record an acknowledgement: {e}");
             }
         }
         if let Some(last) = last {

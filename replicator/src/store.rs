@@ -317,6 +317,9 @@ fn coalesce_key(peer: &PeerKey, file: FileId, tag: u8) -> Vec<u8> {
     key(K_COALESCE, &[peer, &file.0.to_be_bytes(), &[tag]])
 }
 
+/// Sent-but-unacknowledged versions kept per file and peer.
+pub const SENT_KEEP: usize = 16;
+
 fn sent_key(file: FileId, peer: &PeerKey) -> Vec<u8> {
     key(K_SENT, &[&file.0.to_be_bytes(), peer])
 }
@@ -792,34 +795,86 @@ impl Store {
         self.kv.apply(b)
     }
 
-    /// Remembers the manifest just sent to `peer` for `file`: when the ack comes, it becomes
-    /// the acked one ([`Store::promote_sent`]) even if the file changed meanwhile; and if the
-    /// peer says it holds this version, it is a valid base.
-    pub fn set_sent_manifest(&self, peer: &PeerKey, file: FileId, manifest: &[u8]) -> Result<()> {
+    /// Remembers a version sent to `peer` for `file` (stream position `seq`): when its ack
+    /// comes it becomes the acked one ([`Store::promote_sent`]), even if the file changed
+    /// meanwhile; and if the peer says it holds that version, it is a valid base. Versions of
+    /// one file sent back to back are all kept until acked (the last [`SENT_KEEP`]).
+    pub fn set_sent_manifest(
+        &self,
+        peer: &PeerKey,
+        file: FileId,
+        seq: u64,
+        hash: &[u8; 32],
+        manifest: &[u8],
+    ) -> Result<()> {
         let _g = self.lock();
-        let mut m = Vec::with_capacity(manifest.len() + 1);
+        let mut m = Vec::with_capacity(manifest.len() + 33);
         m.push(FORMAT);
+        m.extend_from_slice(hash);
         m.extend_from_slice(manifest);
         let mut b = Batch::default();
-        b.put(sent_key(file, peer), m);
+        let prefix = sent_key(file, peer);
+        let existing: Vec<Vec<u8>> = self
+            .kv
+            .scan_prefix(&prefix)
+            .filter_map(|kv| kv.ok().map(|(k, _)| k))
+            .collect();
+        for k in existing
+            .iter()
+            .take(existing.len().saturating_sub(SENT_KEEP - 1))
+        {
+            b.del(k.clone());
+        }
+        let mut k = prefix;
+        k.extend_from_slice(&seq.to_be_bytes());
+        b.put(k, m);
         self.kv.apply(b)
     }
 
-    pub fn sent_manifest(&self, peer: &PeerKey, file: FileId) -> Result<Option<Vec<u8>>> {
-        self.kv
-            .get(&sent_key(file, peer))?
-            .map(|v| check_version("sent manifest", &v).map(<[u8]>::to_vec))
-            .transpose()
+    /// The version with content hash `hash` sent to `peer` for `file`, if still kept.
+    pub fn sent_manifest(
+        &self,
+        peer: &PeerKey,
+        file: FileId,
+        hash: &[u8; 32],
+    ) -> Result<Option<Vec<u8>>> {
+        Ok(self.find_sent(peer, file, hash)?.map(|(_, v)| v))
     }
 
-    /// The peer acknowledged the version last sent: it becomes the acked manifest.
-    pub fn promote_sent(&self, peer: &PeerKey, file: FileId) -> Result<bool> {
+    fn find_sent(
+        &self,
+        peer: &PeerKey,
+        file: FileId,
+        hash: &[u8; 32],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        for kv in self.kv.scan_prefix(&sent_key(file, peer)) {
+            let (k, v) = kv?;
+            let body = check_version("sent manifest", &v)?;
+            if body.len() >= 32 && &body[..32] == hash {
+                return Ok(Some((k, body[32..].to_vec())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The peer acknowledged the version `hash` sent for `file`: it becomes the acked
+    /// manifest, and it and older sent versions are dropped. False if it is not kept.
+    pub fn promote_sent(&self, peer: &PeerKey, file: FileId, hash: &[u8; 32]) -> Result<bool> {
         let _g = self.lock();
-        let Some(v) = self.kv.get(&sent_key(file, peer))? else {
+        let Some((key_found, manifest)) = self.find_sent(peer, file, hash)? else {
             return Ok(false);
         };
         let mut b = Batch::default();
-        b.put(acked_key(file, peer), v);
+        let mut m = Vec::with_capacity(manifest.len() + 1);
+        m.push(FORMAT);
+        m.extend_from_slice(&manifest);
+        b.put(acked_key(file, peer), m);
+        for kv in self.kv.scan_prefix(&sent_key(file, peer)) {
+            let (k, _) = kv?;
+            if k <= key_found {
+                b.del(k);
+            }
+        }
         self.kv.apply(b)?;
         Ok(true)
     }

@@ -576,3 +576,71 @@ fn peek_is_bounded() {
     assert_eq!(recs.last().map(|r| r.seq), Some(15));
     assert_eq!(store.len(&PEER_B).expect("len"), 300);
 }
+
+#[test]
+fn sent_versions_are_kept_until_acked_then_promoted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let f = FileId(3);
+    let (h1, h2, h3) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+    store
+        .set_sent_manifest(&PEER_B, f, 10, &h1, b"m1")
+        .expect("sent 1");
+    store
+        .set_sent_manifest(&PEER_B, f, 11, &h2, b"m2")
+        .expect("sent 2");
+    store
+        .set_sent_manifest(&PEER_C, f, 4, &h3, b"c3")
+        .expect("sent to c");
+    // Both versions in flight to B are found by hash; C's are separate.
+    assert_eq!(
+        store.sent_manifest(&PEER_B, f, &h1).expect("get"),
+        Some(b"m1".to_vec())
+    );
+    assert_eq!(
+        store.sent_manifest(&PEER_B, f, &h2).expect("get"),
+        Some(b"m2".to_vec())
+    );
+    assert_eq!(store.sent_manifest(&PEER_B, f, &h3).expect("get"), None);
+    // The ack of the first makes it the acked manifest and drops it; the second stays.
+    assert!(store.promote_sent(&PEER_B, f, &h1).expect("promote"));
+    assert_eq!(
+        store.acked_manifest(&PEER_B, f).expect("acked"),
+        Some(b"m1".to_vec())
+    );
+    assert_eq!(store.sent_manifest(&PEER_B, f, &h1).expect("get"), None);
+    assert_eq!(
+        store.sent_manifest(&PEER_B, f, &h2).expect("get"),
+        Some(b"m2".to_vec())
+    );
+    // The ack of the second wins; an unknown hash promotes nothing.
+    assert!(store.promote_sent(&PEER_B, f, &h2).expect("promote"));
+    assert_eq!(
+        store.acked_manifest(&PEER_B, f).expect("acked"),
+        Some(b"m2".to_vec())
+    );
+    assert!(
+        !store
+            .promote_sent(&PEER_B, f, &[9; 32])
+            .expect("promote unknown")
+    );
+    assert_eq!(store.acked_manifest(&PEER_C, f).expect("c acked"), None);
+    // At most SENT_KEEP versions are kept per file and peer (the oldest go).
+    for seq in 0..(peerfs_replicator::store::SENT_KEEP as u64 + 5) {
+        let h = [seq as u8 + 100; 32];
+        store
+            .set_sent_manifest(&PEER_B, f, 100 + seq, &h, b"x")
+            .expect("sent");
+    }
+    assert_eq!(
+        store.sent_manifest(&PEER_B, f, &[100; 32]).expect("get"),
+        None
+    );
+    let last = [peerfs_replicator::store::SENT_KEEP as u8 + 104; 32];
+    assert!(
+        store
+            .sent_manifest(&PEER_B, f, &last)
+            .expect("get")
+            .is_some()
+    );
+}
