@@ -2085,7 +2085,7 @@ impl Inner {
             apply_meta(tmp.as_fd(), &t.meta, self.cfg.owners, false)?;
             tmp.sync_all()?;
             let target_name = if t.conflict {
-                conflict_name(&t.name, &p.name)
+                free_conflict_name(t.dir.as_fd(), &t.name, &p.name)
             } else {
                 t.name.clone()
             };
@@ -2740,6 +2740,32 @@ fn fsync_dir(dir: BorrowedFd<'_>) {
         }
         Err(e) => tracing::warn!("cannot open a folder to fsync it: {e}"),
     }
+}
+
+/// A conflict-copy name not taken in `dir` (" 2", " 3", ... before the extension when the
+/// minute's name is taken: an earlier conflict copy is never replaced).
+fn free_conflict_name(dir: BorrowedFd<'_>, name: &CStr, peer: &str) -> CString {
+    let first = conflict_name(name, peer);
+    if lstat_at(dir, &first).is_err() {
+        return first;
+    }
+    let bytes = first.to_bytes();
+    let (stem, ext) = match bytes.iter().rposition(|b| *b == b')') {
+        Some(i) => (&bytes[..=i], &bytes[i + 1..]),
+        None => (bytes, &b""[..]),
+    };
+    for n in 2..10_000u32 {
+        let mut v = stem.to_vec();
+        v.extend_from_slice(format!(" {n}").as_bytes());
+        v.extend_from_slice(ext);
+        v.truncate(255);
+        if let Ok(c) = CString::new(v) {
+            if lstat_at(dir, &c).is_err() {
+                return c;
+            }
+        }
+    }
+    first
 }
 
 /// `report.docx` → `report (conflict peer-b 2026-11-21 10.32).docx`.

@@ -272,6 +272,7 @@ const K_HASH: u8 = b'H'; // content hash -> FileId that had it (current or previ
 
 // b'M': database-wide values.
 const META_NEXT_ID: &[u8] = b"Mnext_file_id";
+const META_NEXT_SENT: &[u8] = b"Mnext_sent";
 const META_SCHEMA: &[u8] = b"Mschema";
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -825,8 +826,16 @@ impl Store {
         {
             b.del(k.clone());
         }
+        // Keyed by send order (a store-wide counter, not the queue position: a record resent
+        // after a restart may carry another version under the same position).
+        let _ = seq;
+        let n = match self.kv.get(META_NEXT_SENT)? {
+            Some(v) => decode_u64("sent counter", &v)?,
+            None => 0,
+        };
+        b.put(META_NEXT_SENT.to_vec(), (n + 1).to_be_bytes().to_vec());
         let mut k = prefix;
-        k.extend_from_slice(&seq.to_be_bytes());
+        k.extend_from_slice(&n.to_be_bytes());
         b.put(k, m);
         self.kv.apply(b)
     }
