@@ -14,13 +14,27 @@ fn cstr(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// `openat2` beneath `dir`; `flags` as for open(2).
+/// `openat2` beneath `dir`; `flags` as for open(2). Read-only opens of files add `O_NOATIME`
+/// where allowed: the replicator reading a file must not change what users see (pjdfstest
+/// checks atime after UTIME_OMIT).
 pub fn openat2_beneath(
     dir: BorrowedFd<'_>,
     path: &CStr,
     flags: i32,
     mode: u32,
 ) -> io::Result<OwnedFd> {
+    let reads_file = flags & libc::O_ACCMODE == libc::O_RDONLY
+        && flags & (libc::O_PATH | libc::O_DIRECTORY | libc::O_CREAT) == 0;
+    if reads_file {
+        match openat2_raw(dir, path, flags | libc::O_NOATIME, mode) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            other => return other,
+        }
+    }
+    openat2_raw(dir, path, flags, mode)
+}
+
+fn openat2_raw(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     // SAFETY: open_how is plain data; all-zero is a valid value to fill in.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
