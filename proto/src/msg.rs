@@ -157,9 +157,12 @@ pub enum ReplMsg {
     End {
         seq: u64,
     },
+    /// `holds`: for a content transfer, the content hash the receiver now has at the path
+    /// (what the sender may take as that peer's version from now on).
     Ack {
         seq: u64,
         outcome: AckOutcome,
+        holds: Option<Hash>,
     },
     /// Flow credit: the receiver has consumed `bytes` of transfer `seq`.
     Progress {

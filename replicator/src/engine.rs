@@ -198,6 +198,9 @@ struct PeerState {
     side: HashMap<u64, RelPath>,
     /// Seqs acknowledged beyond `acked_upto` (side transfers finish out of order).
     acked_beyond: std::collections::HashSet<u64>,
+    /// The file each content record sent was about (kept across restarts: an ack of a record
+    /// sent before a restart still tells which version the peer holds).
+    sent_ids: HashMap<u64, FileId>,
 }
 
 struct Peer {
@@ -455,7 +458,11 @@ impl Replicator {
             return;
         };
         match msg {
-            ReplMsg::Ack { seq, outcome } => self.inner.on_ack(i, seq, outcome),
+            ReplMsg::Ack {
+                seq,
+                outcome,
+                holds,
+            } => self.inner.on_ack(i, seq, outcome, holds),
             ReplMsg::Progress { seq, bytes } => {
                 let mut st = p.state.lock();
                 st.progress.insert(seq, bytes);
@@ -1044,6 +1051,7 @@ impl Inner {
                         if let Some(f) = st.inflight.iter_mut().find(|f| f.seq == rec.seq) {
                             f.acked = Some(acked);
                         }
+                        st.sent_ids.insert(rec.seq, acked.0);
                         let (me, peer) = (self.clone(), p.clone());
                         if let Err(e) = std::thread::Builder::new()
                             .name(format!("repl-side-{}", p.name))
@@ -1401,8 +1409,12 @@ impl Inner {
             self.stream_ops(p, generation, seq, &file, &new, &delta)?;
         }
         // What the peer holds once it acks, recorded before the End that makes it ack.
-        if let Some(f) = p.state.lock().inflight.iter_mut().find(|f| f.seq == seq) {
-            f.acked = Some((id, hash));
+        {
+            let mut st = p.state.lock();
+            if let Some(f) = st.inflight.iter_mut().find(|f| f.seq == seq) {
+                f.acked = Some((id, hash));
+            }
+            st.sent_ids.insert(seq, id);
         }
         self.send(p, ReplMsg::End { seq }, true)?;
         Ok(Sent::Record)
@@ -1539,8 +1551,17 @@ impl Inner {
         }
     }
 
-    fn on_ack(&self, i: usize, seq: u64, outcome: AckOutcome) {
+    fn on_ack(&self, i: usize, seq: u64, outcome: AckOutcome, holds: Option<Hash>) {
         let p = &self.peers[i];
+        // The version the peer now holds, even for a record sent before a restart.
+        if let (AckOutcome::Applied, Some(h)) = (&outcome, holds) {
+            let id = p.state.lock().sent_ids.get(&seq).copied();
+            if let Some(id) = id {
+                if let Err(e) = self.store.promote_sent(&p.key, id, &h) {
+                    tracing::warn!("replication: cannot record an acknowledgement: {e}");
+                }
+            }
+        }
         let mut st = p.state.lock();
         let Some(pos) = st.inflight.iter().position(|f| f.seq == seq) else {
             return;
@@ -1607,16 +1628,13 @@ impl Inner {
         if let Some(last) = last {
             st.acked_upto = Some(last);
             st.acked_beyond.retain(|s| *s > last);
+            if st.sent_ids.len() > 4096 {
+                st.sent_ids.retain(|s, _| *s > last);
+            }
         }
         drop(st);
         p.wake.notify_all();
-        for (id, hash) in acked {
-            // What was sent is what the peer now holds (recorded at send time, so a file that
-            // changed again meanwhile does not lose track of it).
-            if let Err(e) = self.store.promote_sent(&p.key, id, &hash) {
-                tracing::warn!("replication: cannot record an acknowledgement: {e}");
-            }
-        }
+        let _ = acked;
         if let Some(last) = last {
             if let Err(e) = self.store.ack(&p.key, last) {
                 tracing::warn!("replication: cannot trim the queue: {e}");
@@ -1736,15 +1754,20 @@ impl Inner {
                     continue;
                 }
             }
-            let ack = |seq: u64, outcome: AckOutcome| {
+            let ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
                 let ok = outcome == AckOutcome::Applied;
                 if ok {
                     p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
                 }
-                if !self
-                    .transport
-                    .send(p.id, ReplMsg::Ack { seq, outcome }, false)
-                {
+                if !self.transport.send(
+                    p.id,
+                    ReplMsg::Ack {
+                        seq,
+                        outcome,
+                        holds: if ok { holds } else { None },
+                    },
+                    false,
+                ) {
                     tracing::debug!(peer = %p.name, seq, "ack not sent: disconnected");
                 }
                 ok
@@ -1752,7 +1775,7 @@ impl Inner {
             match msg {
                 ReplMsg::Op { seq, op, .. } => {
                     let outcome = self.apply_op(&p, op);
-                    if !ack(seq, outcome) {
+                    if !ack(seq, outcome, None) {
                         halted = true;
                     }
                 }
@@ -1785,7 +1808,7 @@ impl Inner {
                     }
                     Ok(t) => cur = Some(t),
                     Err(outcome) => {
-                        ack(seq, outcome);
+                        ack(seq, outcome, None);
                         halted = true;
                         cur = None;
                     }
@@ -1843,8 +1866,10 @@ impl Inner {
                         side.remove(&seq)
                     };
                     if let Some(t) = t {
+                        // A conflict copy leaves this server's own version at the path.
+                        let holds = (!t.conflict).then_some(t.content_hash);
                         let outcome = self.finish(&p, t);
-                        if !ack(seq, outcome) {
+                        if !ack(seq, outcome, holds) {
                             halted = true;
                         }
                     }

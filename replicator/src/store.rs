@@ -318,8 +318,10 @@ fn coalesce_key(peer: &PeerKey, file: FileId, tag: u8) -> Vec<u8> {
     key(K_COALESCE, &[peer, &file.0.to_be_bytes(), &[tag]])
 }
 
-/// Sent-but-unacknowledged versions kept per file and peer.
-pub const SENT_KEEP: usize = 16;
+/// Sent-but-unacknowledged versions kept per file and peer, at most...
+pub const SENT_KEEP: usize = 64;
+/// ...and at most this many manifest bytes (a 4 GiB file's manifest is ~25 MB).
+pub const SENT_KEEP_BYTES: usize = 64 * 1024 * 1024;
 
 fn sent_key(file: FileId, peer: &PeerKey) -> Vec<u8> {
     key(K_SENT, &[&file.0.to_be_bytes(), peer])
@@ -815,16 +817,21 @@ impl Store {
         m.extend_from_slice(manifest);
         let mut b = Batch::default();
         let prefix = sent_key(file, peer);
-        let existing: Vec<Vec<u8>> = self
+        // Keep the newest versions: at most SENT_KEEP of them and SENT_KEEP_BYTES in all.
+        let existing: Vec<(Vec<u8>, usize)> = self
             .kv
             .scan_prefix(&prefix)
-            .filter_map(|kv| kv.ok().map(|(k, _)| k))
+            .filter_map(|kv| kv.ok().map(|(k, v)| (k, v.len())))
             .collect();
-        for k in existing
-            .iter()
-            .take(existing.len().saturating_sub(SENT_KEEP - 1))
-        {
-            b.del(k.clone());
+        let mut budget = SENT_KEEP_BYTES.saturating_sub(m.len());
+        let mut kept = 1;
+        for (k, len) in existing.iter().rev() {
+            if kept < SENT_KEEP && *len <= budget {
+                kept += 1;
+                budget -= len;
+            } else {
+                b.del(k.clone());
+            }
         }
         // Keyed by send order (a store-wide counter, not the queue position: a record resent
         // after a restart may carry another version under the same position).

@@ -73,7 +73,9 @@ impl Fixture {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(o) = self.sent.0.lock().iter().find_map(|m| match m {
-                ReplMsg::Ack { seq: s, outcome } if *s == seq => Some(outcome.clone()),
+                ReplMsg::Ack {
+                    seq: s, outcome, ..
+                } if *s == seq => Some(outcome.clone()),
                 _ => None,
             }) {
                 return o;
