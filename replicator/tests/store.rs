@@ -61,8 +61,22 @@ fn seqs(recs: &[QueueRecord]) -> Vec<u64> {
     recs.iter().map(|r| r.seq).collect()
 }
 
+/// Opens the store; a reopen right after a drop retries briefly: sled's background flusher
+/// can hold the database's file lock for a moment after the last handle is gone.
 fn open(dir: &Path) -> Store {
-    Store::open(dir).expect("open store")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open store: {e}"),
+        }
+    }
 }
 
 const CHILD_ENV: &str = "PEERFS_STORE_CRASH_DIR";
