@@ -120,9 +120,9 @@ impl Network {
                 locks.add_peer(p.id);
             }
             let trash_for_fn = Arc::clone(&trash);
-            let trash_fn: engine::TrashFn = Arc::new(move |root, rel, origin| {
+            let trash_fn: engine::TrashFn = Arc::new(move |root, at, rel, origin| {
                 let trash = &trash_for_fn;
-                let entry = trash.put(root, rel, origin)?;
+                let entry = trash.put_as(root, at, rel, origin)?;
                 tracing::info!(path = %rel, by = origin, entry = %entry.id, "moved to the trash");
                 Ok(())
             });

@@ -48,13 +48,18 @@ const MAX_INFLIGHT: usize = 256;
 const SIDE_MIN_BYTES: u64 = 4 * 1024 * 1024;
 /// Side transfers in flight per peer.
 const MAX_SIDE: usize = 2;
+/// Versions with more chunks than this (files over ~1 GiB) are not kept as "sent" in sled.
+const SENT_KEEP_MAX_CHUNKS: usize = 128 * 1024;
 
 /// The receiver reports progress every this many received bytes.
 const PROGRESS_EVERY: u64 = 1024 * 1024;
 
 /// Moves an object of the backing folder to the trash (`origin`: the peer whose change
 /// removed or replaced it). Installed by the daemon.
-pub type TrashFn = Arc<dyn Fn(BorrowedFd<'_>, &RelPath, &str) -> io::Result<()> + Send + Sync>;
+/// Arguments: the backing root, where the object is now, the path to record it under (the
+/// name it had), and the peer whose change removed it.
+pub type TrashFn =
+    Arc<dyn Fn(BorrowedFd<'_>, &RelPath, &RelPath, &str) -> io::Result<()> + Send + Sync>;
 
 /// Tells the drive what a peer changed in the backing folder, so it drops cached names,
 /// attributes and pages. Must not block.
@@ -821,6 +826,9 @@ impl Inner {
             _ => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, file))?,
         };
         self.record_content(id, &manifest, stamp_of(st))?;
+        if manifest.chunks().len() > TRIM_CHUNKS {
+            trim_heap();
+        }
         Ok(manifest)
     }
 
@@ -1345,11 +1353,16 @@ impl Inner {
             None => acked().or_else(prev),
         };
         let checked = matches!(base_override, Some(Some(_))) && base.is_none();
-        if let Err(e) =
-            self.store
-                .set_sent_manifest(&p.key, id, seq, new.content_hash(), &new.encode())
-        {
-            return Err(Stop::Io(ioerr(e)));
+        // Remember what is sent (small and medium files: their manifests are cheap to keep;
+        // a multi-GiB file's is tens of MB, and its ack is matched against the current or
+        // previous version instead).
+        if new.chunks().len() <= SENT_KEEP_MAX_CHUNKS {
+            if let Err(e) =
+                self.store
+                    .set_sent_manifest(&p.key, id, seq, new.content_hash(), &new.encode())
+            {
+                return Err(Stop::Io(ioerr(e)));
+            }
         }
         let delta = match &base {
             Some(b) => Delta::compute(b, &new),
@@ -1417,6 +1430,10 @@ impl Inner {
             st.sent_ids.insert(seq, id);
         }
         self.send(p, ReplMsg::End { seq }, true)?;
+        if new.chunks().len() > TRIM_CHUNKS {
+            drop((new, delta, base));
+            trim_heap();
+        }
         Ok(Sent::Record)
     }
 
@@ -1425,6 +1442,12 @@ impl Inner {
         let r = self
             .stream_ops(&p, job.generation, job.seq, &job.file, &job.new, &job.delta)
             .and_then(|()| self.send(&p, ReplMsg::End { seq: job.seq }, true));
+        let big = job.new.chunks().len() > TRIM_CHUNKS;
+        drop(job.new);
+        drop(job.delta);
+        if big {
+            trim_heap();
+        }
         match r {
             Ok(()) | Err(Stop::Restarted) => {}
             Err(Stop::Changed) => {
@@ -1557,8 +1580,12 @@ impl Inner {
         if let (AckOutcome::Applied, Some(h)) = (&outcome, holds) {
             let id = p.state.lock().sent_ids.get(&seq).copied();
             if let Some(id) = id {
-                if let Err(e) = self.store.promote_sent(&p.key, id, &h) {
-                    tracing::warn!("replication: cannot record an acknowledgement: {e}");
+                match self.store.promote_sent(&p.key, id, &h) {
+                    Ok(true) => {}
+                    Ok(false) => self.promote_current(&p.key, id, &h),
+                    Err(e) => {
+                        tracing::warn!("replication: cannot record an acknowledgement: {e}")
+                    }
                 }
             }
         }
@@ -1641,6 +1668,32 @@ impl Inner {
             }
         }
         self.check_waiters();
+    }
+
+    /// The peer acked version `hash` of `id`, which was not kept as sent (a huge file): it is
+    /// the file's current or previous version, if either still matches.
+    fn promote_current(&self, peer: &PeerKey, id: FileId, hash: &Hash) {
+        let current_hash = self
+            .store
+            .file_state(id)
+            .ok()
+            .flatten()
+            .and_then(|st| st.version)
+            .map(|v| v.hash);
+        let m = if current_hash.as_ref() == Some(hash) {
+            self.store.manifest(id).ok().flatten()
+        } else {
+            self.store
+                .prev_manifest(id)
+                .ok()
+                .flatten()
+                .filter(|b| Manifest::decode(b).is_ok_and(|m| m.content_hash() == hash))
+        };
+        if let Some(m) = m {
+            if let Err(e) = self.store.set_acked_manifest(peer, id, &m) {
+                tracing::warn!("replication: cannot record an acknowledgement: {e}");
+            }
+        }
     }
 
     fn waiter_done(&self, w: &Waiter) -> bool {
@@ -1868,7 +1921,11 @@ impl Inner {
                     if let Some(t) = t {
                         // A conflict copy leaves this server's own version at the path.
                         let holds = (!t.conflict).then_some(t.content_hash);
+                        let big = t.chunks.len() > TRIM_CHUNKS;
                         let outcome = self.finish(&p, t);
+                        if big {
+                            trim_heap();
+                        }
                         if !ack(seq, outcome, holds) {
                             halted = true;
                         }
@@ -2299,7 +2356,7 @@ impl Inner {
     }
 
     fn trash(&self, p: &Peer, path: &RelPath) -> io::Result<()> {
-        (self.trash)(self.root(), path, &p.name)
+        (self.trash)(self.root(), path, path, &p.name)
     }
 
     fn apply_op_io(&self, p: &Peer, op: &NsOp) -> io::Result<AckOutcome> {
@@ -2438,7 +2495,25 @@ impl Inner {
                     Err(e) => return Err(e),
                 };
                 let (ddir, dname) = open_parent(self.root(), to, true)?;
-                if let Ok(dst) = lstat_at(ddir.as_fd(), &dname) {
+                let dst = lstat_at(ddir.as_fd(), &dname).ok();
+                let replaces_file = dst.as_ref().is_some_and(|d| {
+                    let same = d.st_ino == sst.st_ino && d.st_dev == sst.st_dev;
+                    let dirs = is_kind(d, libc::S_IFDIR) || is_kind(&sst, libc::S_IFDIR);
+                    !same && !dirs
+                });
+                if replaces_file {
+                    // Swap the two atomically (readers never miss `to`), then trash the old
+                    // object under the name it had.
+                    renameat2_exchange(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
+                    fsync_dir(ddir.as_fd());
+                    (self.trash)(self.root(), from, to, &p.name)?;
+                    let _ = self.store.rename_path(&pb(from), &pb(to));
+                    if let Some(a) = applied {
+                        a.renamed(from, to);
+                    }
+                    return Ok(AckOutcome::Applied);
+                }
+                if let Some(dst) = dst {
                     if !(dst.st_ino == sst.st_ino && dst.st_dev == sst.st_dev) {
                         // The replaced object is kept in the trash (nothing is destroyed).
                         let empty_dir = is_kind(&dst, libc::S_IFDIR)
@@ -2616,6 +2691,19 @@ fn aligned(delta: &Delta) -> bool {
     true
 }
 
+/// Hands freed heap memory back to the system after work on a large file (glibc otherwise
+/// keeps the manifests' tens of MB in its arenas, and the daemon's RSS stays high).
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory at the top of the heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Manifests with more chunks than this (files over ~128 MiB) make us trim the heap after use.
+const TRIM_CHUNKS: usize = 16 * 1024;
+
 fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
 }
@@ -2713,6 +2801,29 @@ fn fstat(f: &File) -> io::Result<libc::stat> {
     // SAFETY: valid descriptor and buffer.
     if unsafe { libc::fstat(f.as_raw_fd(), &mut st) } == 0 {
         Ok(st)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn renameat2_exchange(
+    d1: BorrowedFd<'_>,
+    n1: &CStr,
+    d2: BorrowedFd<'_>,
+    n2: &CStr,
+) -> io::Result<()> {
+    // SAFETY: renameat2 between our descriptors with NUL-terminated names.
+    let r = unsafe {
+        libc::renameat2(
+            d1.as_raw_fd(),
+            n1.as_ptr(),
+            d2.as_raw_fd(),
+            n2.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
     } else {
         Err(io::Error::last_os_error())
     }

@@ -299,6 +299,19 @@ impl Trash {
     /// Errors keep their `io::ErrorKind` (`NotFound`: nothing at `rel`) and name the path; on
     /// any error the object is where it was.
     pub fn put(&self, root: BorrowedFd<'_>, rel: &RelPath, origin: &str) -> io::Result<TrashEntry> {
+        self.put_as(root, rel, rel, origin)
+    }
+
+    /// [`Trash::put`] of the object now at `from`, recorded (and restored) as `rel`: a file a
+    /// rename replaced is first swapped out of the way atomically (so readers never miss the
+    /// name), then trashed under the name it had.
+    pub fn put_as(
+        &self,
+        root: BorrowedFd<'_>,
+        from: &RelPath,
+        rel: &RelPath,
+        origin: &str,
+    ) -> io::Result<TrashEntry> {
         let at = |e: io::Error| ctx(e, format!("cannot move {rel} to the trash"));
         if rel.is_root() {
             return Err(io::Error::new(
@@ -307,7 +320,7 @@ impl Trash {
             ));
         }
         let (src_dir, name) =
-            beneath::open_parent(root, rel, false).map_err(|e| outside(e, rel))?;
+            beneath::open_parent(root, from, false).map_err(|e| outside(e, from))?;
         let (kind, size) = tree_size(src_dir.as_fd(), &name).map_err(at)?;
         let now = now_ms();
         let (id, entry_fd) = self.new_entry_dir(now).map_err(at)?;

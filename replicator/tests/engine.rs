@@ -36,14 +36,14 @@ fn fixture() -> Fixture {
     let store = Arc::new(Store::open(state.path()).expect("store"));
     let sent = Arc::new(Recorder::default());
     let trash_dir = state.path().join("trash-test");
-    let trash: TrashFn = Arc::new(move |root, rel, _origin| {
+    let trash: TrashFn = Arc::new(move |root, at, rel, _origin| {
         // A minimal trash for the test: move the object aside by name.
         std::fs::create_dir_all(&trash_dir)?;
         let dest = trash_dir.join(rel.to_string().replace('/', "_"));
         let src = format!(
             "/proc/self/fd/{}/{}",
             std::os::fd::AsRawFd::as_raw_fd(&root),
-            rel
+            at
         );
         std::fs::rename(src, dest)
     });
