@@ -1110,6 +1110,15 @@ impl Inner {
         self.check_waiters();
     }
 
+    /// A record with nothing left to send (its file is gone, or it cannot be applied): a
+    /// no-op in its place keeps the peer's acknowledgements in order.
+    fn send_noop(&self, p: &Peer, epoch: u64, seq: u64) -> Result<(), Stop> {
+        let op = NsOp::Remove {
+            path: RelPath::root(),
+        };
+        self.send(p, ReplMsg::Op { epoch, seq, op }, true)
+    }
+
     fn send(&self, p: &Peer, msg: ReplMsg, bulk: bool) -> Result<(), Stop> {
         if self.transport.send(p.id, msg, bulk) {
             Ok(())
@@ -1132,17 +1141,7 @@ impl Inner {
         let Some(path) = path_of_bytes(&rec.path) else {
             // Unrepresentable path: nothing a peer could apply. Send a no-op so acks stay in order.
             tracing::error!(peer = %p.name, seq, "replication: skipping a record with an invalid path");
-            self.send(
-                p,
-                ReplMsg::Op {
-                    epoch,
-                    seq,
-                    op: NsOp::Remove {
-                        path: RelPath::root(),
-                    },
-                },
-                true,
-            )?;
+            self.send_noop(p, epoch, seq)?;
             return Ok(Sent::Record);
         };
         let ov = ov.unwrap_or_default();
@@ -1181,17 +1180,7 @@ impl Inner {
                         true,
                     )?,
                     // Gone since: a later record removes or renames it.
-                    None => self.send(
-                        p,
-                        ReplMsg::Op {
-                            epoch,
-                            seq,
-                            op: NsOp::Remove {
-                                path: RelPath::root(),
-                            },
-                        },
-                        true,
-                    )?,
+                    None => self.send_noop(p, epoch, seq)?,
                 }
                 Ok(Sent::Record)
             }
@@ -1201,17 +1190,7 @@ impl Inner {
                     current.and_then(|c| RelPath::new(c.as_os_str().as_bytes()).ok())
                 else {
                     // Removed since: a later record removes it on the peer too.
-                    self.send(
-                        p,
-                        ReplMsg::Op {
-                            epoch,
-                            seq,
-                            op: NsOp::Remove {
-                                path: RelPath::root(),
-                            },
-                        },
-                        true,
-                    )?;
+                    self.send_noop(p, epoch, seq)?;
                     return Ok(Sent::Record);
                 };
                 self.send_content(
@@ -1250,17 +1229,7 @@ impl Inner {
         let (dir, name, st) = match opened {
             Ok(x) => x,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                self.send(
-                    p,
-                    ReplMsg::Op {
-                        epoch,
-                        seq,
-                        op: NsOp::Remove {
-                            path: RelPath::root(),
-                        },
-                    },
-                    true,
-                )?;
+                self.send_noop(p, epoch, seq)?;
                 return Ok(Sent::Record);
             }
             Err(e) => return Err(Stop::Io(e)),
@@ -1300,17 +1269,7 @@ impl Inner {
             return Ok(Sent::Record);
         }
         if !is_kind(&st, libc::S_IFREG) {
-            self.send(
-                p,
-                ReplMsg::Op {
-                    epoch,
-                    seq,
-                    op: NsOp::Remove {
-                        path: RelPath::root(),
-                    },
-                },
-                true,
-            )?;
+            self.send_noop(p, epoch, seq)?;
             return Ok(Sent::Record);
         }
         let file = File::from(
