@@ -2318,6 +2318,17 @@ impl Inner {
         (self.trash)(self.root(), path, path, &p.name)
     }
 
+    /// The object at `path` (its folder, name and stat), or `None` if there is none.
+    fn existing(&self, path: &RelPath) -> io::Result<Option<(OwnedFd, CString, libc::stat)>> {
+        let found = open_parent(self.root(), path, false)
+            .and_then(|(dir, name)| lstat_at(dir.as_fd(), &name).map(|st| (dir, name, st)));
+        match found {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if is_gone(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn apply_op_io(&self, p: &Peer, op: &NsOp) -> io::Result<AckOutcome> {
         let pb = |r: &RelPath| PathBuf::from(OsStr::from_bytes(r.as_bytes()));
         let applied = self.applied();
@@ -2327,15 +2338,8 @@ impl Inner {
                     // A no-op (a record the sender had nothing left to send for).
                     return Ok(AckOutcome::Applied);
                 }
-                let (dir, name) = match open_parent(self.root(), path, false) {
-                    Ok(x) => x,
-                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
-                    Err(e) => return Err(e),
-                };
-                let st = match lstat_at(dir.as_fd(), &name) {
-                    Ok(st) => st,
-                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
-                    Err(e) => return Err(e),
+                let Some((dir, name, st)) = self.existing(path)? else {
+                    return Ok(AckOutcome::Applied);
                 };
                 // An empty folder holds nothing to lose.
                 let removed_empty = is_kind(&st, libc::S_IFDIR)
@@ -2399,19 +2403,8 @@ impl Inner {
                 Ok(AckOutcome::Applied)
             }
             NsOp::Link { existing, path } => {
-                let (sdir, sname) = match open_parent(self.root(), existing, false) {
-                    Ok(x) => x,
-                    Err(e) if is_gone(&e) => {
-                        return Ok(AckOutcome::NeedContent { path: path.clone() });
-                    }
-                    Err(e) => return Err(e),
-                };
-                let sst = match lstat_at(sdir.as_fd(), &sname) {
-                    Ok(st) => st,
-                    Err(e) if is_gone(&e) => {
-                        return Ok(AckOutcome::NeedContent { path: path.clone() });
-                    }
-                    Err(e) => return Err(e),
+                let Some((sdir, sname, sst)) = self.existing(existing)? else {
+                    return Ok(AckOutcome::NeedContent { path: path.clone() });
                 };
                 let (dir, name) = open_parent(self.root(), path, true)?;
                 match lstat_at(dir.as_fd(), &name) {
@@ -2442,16 +2435,10 @@ impl Inner {
                 Ok(AckOutcome::Applied)
             }
             NsOp::Rename { from, to } => {
-                let src = open_parent(self.root(), from, false)
-                    .and_then(|(d, n)| lstat_at(d.as_fd(), &n).map(|st| (d, n, st)));
-                let (sdir, sname, sst) = match src {
-                    Ok(x) => x,
-                    Err(e) if is_gone(&e) => {
-                        // Already renamed (a replay), or never received: the content of
-                        // `to` brings it up to date either way.
-                        return Ok(AckOutcome::NeedContent { path: to.clone() });
-                    }
-                    Err(e) => return Err(e),
+                let Some((sdir, sname, sst)) = self.existing(from)? else {
+                    // Already renamed (a replay), or never received: the content of `to`
+                    // brings it up to date either way.
+                    return Ok(AckOutcome::NeedContent { path: to.clone() });
                 };
                 let (ddir, dname) = open_parent(self.root(), to, true)?;
                 let dst = lstat_at(ddir.as_fd(), &dname).ok();
@@ -2492,15 +2479,8 @@ impl Inner {
                 Ok(AckOutcome::Applied)
             }
             NsOp::SetMeta { path, meta } => {
-                let (dir, name) = match open_parent(self.root(), path, false) {
-                    Ok(x) => x,
-                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
-                    Err(e) => return Err(e),
-                };
-                let st = match lstat_at(dir.as_fd(), &name) {
-                    Ok(st) => st,
-                    Err(e) if is_gone(&e) => return Ok(AckOutcome::Applied),
-                    Err(e) => return Err(e),
+                let Some((dir, name, st)) = self.existing(path)? else {
+                    return Ok(AckOutcome::Applied);
                 };
                 if is_kind(&st, libc::S_IFLNK) {
                     let fd =

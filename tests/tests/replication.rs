@@ -254,8 +254,18 @@ fn overwrites_are_patched_in_place_unless_a_reader_has_the_file_open() {
         std::os::unix::fs::FileExt::write_all_at(&f, b"PATCH", 1 << 20).expect("pwrite");
     }
     data[1 << 20..(1 << 20) + 5].copy_from_slice(b"PATCH");
-    wait_content(&p, B, "doc.bin", &data);
+    // Watched in B's backing folder: polling through B's drive would itself hold the file open
+    // (and rightly make the update a rename).
+    let backing = p.backing_file(B, "doc.bin");
+    wait_until("B's backing file has the patch", SYNC, || {
+        match read(&backing) {
+            Ok(v) if v == data => Ok(()),
+            Ok(v) => Err(format!("{} bytes, differing", v.len())),
+            Err(e) => Err(e.to_string()),
+        }
+    });
     assert_eq!(ino(&p), before, "an in-place update keeps the inode");
+    wait_content(&p, B, "doc.bin", &data);
 
     // A reader on B holds the file open: it keeps reading the version it opened.
     let reader = fs::File::open(p.file(B, "doc.bin")).expect("open on b");
