@@ -1953,35 +1953,37 @@ impl Inner {
             .have(dir.as_fd(), &name, &path)
             .map_err(|e| failed(&e))?;
         let have_hash = have.as_ref().map(|(_, m)| *m.content_hash());
-        let mut conflict = false;
+        // Metadata only until a mode is chosen below; the receiver's file is the base.
+        let mut t = Transfer {
+            seq,
+            path,
+            dir,
+            name,
+            tmp: None,
+            base: have,
+            cloned: false,
+            at: 0,
+            chunks: Vec::new(),
+            part: Vec::new(),
+            size,
+            content_hash,
+            meta,
+            received: 0,
+            reported: 0,
+            conflict: false,
+            failed: None,
+            journal: None,
+        };
         if have_hash == Some(content_hash) {
             // Already there (a replay, or the same content arrived another way): attributes only.
-            return Ok(Transfer {
-                seq,
-                path,
-                dir,
-                name,
-                tmp: None,
-                base: have,
-                cloned: false,
-                at: 0,
-                chunks: Vec::new(),
-                part: Vec::new(),
-                size,
-                content_hash,
-                meta,
-                received: 0,
-                reported: 0,
-                conflict: false,
-                failed: None,
-                journal: None,
-            });
+            return Ok(t);
         }
+        let mut conflict = false;
         if let Some(f) = fence {
             let mut fences = self.fences.lock();
-            let seen = fences.entry(path.clone()).or_insert(0);
+            let seen = fences.entry(t.path.clone()).or_insert(0);
             if f < *seen {
-                tracing::warn!(path = %path, peer = %p.name, fence = f, seen = *seen, "replication: an update from a writer whose lock expired; kept as a conflict copy");
+                tracing::warn!(path = %t.path, peer = %p.name, fence = f, seen = *seen, "replication: an update from a writer whose lock expired; kept as a conflict copy");
                 conflict = true;
             } else {
                 *seen = f;
@@ -2004,37 +2006,19 @@ impl Inner {
             }
         }
         if aligned && !conflict {
-            if let Some((bf, bm)) = have {
+            if let Some((bf, _)) = &t.base {
                 // Overwrites, appends, truncations: journal the new bytes, patch in place.
-                let ino = fstat(&bf).map_err(|e| failed(&e))?.st_ino;
+                let ino = fstat(bf).map_err(|e| failed(&e))?.st_ino;
                 let journal = crate::patch::Journal::create(
                     &self.journal_dir(),
-                    &path,
+                    &t.path,
                     ino,
                     size,
                     content_hash,
                 )
                 .map_err(|e| failed(&e))?;
-                return Ok(Transfer {
-                    seq,
-                    path,
-                    dir,
-                    name,
-                    tmp: None,
-                    base: Some((bf, bm)),
-                    cloned: false,
-                    at: 0,
-                    chunks: Vec::new(),
-                    part: Vec::new(),
-                    size,
-                    content_hash,
-                    meta,
-                    received: 0,
-                    reported: 0,
-                    conflict: false,
-                    failed: None,
-                    journal: Some(journal),
-                });
+                t.journal = Some(journal);
+                return Ok(t);
             }
         }
         let tmp_name = CString::new(format!(
@@ -2044,7 +2028,7 @@ impl Inner {
         ))
         .map_err(|e| failed(&ioerr(e)))?;
         let tmp = openat2_beneath(
-            dir.as_fd(),
+            t.dir.as_fd(),
             &tmp_name,
             libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
             0o600,
@@ -2052,38 +2036,18 @@ impl Inner {
         .map_err(|e| failed(&e))?;
         let tmp = File::from(tmp);
         // Copies come from the receiver's file when it is the transfer's base.
-        let base = if base.is_some() && base == have_hash {
-            have
-        } else {
-            None
-        };
+        if !(base.is_some() && base == have_hash) {
+            t.base = None;
+        }
         // Where the filesystem can share extents (XFS, btrfs), start from a clone of the base:
         // unchanged chunks then cost nothing.
-        let cloned = base.as_ref().is_some_and(|(bf, _)| {
+        t.cloned = t.base.as_ref().is_some_and(|(bf, _)| {
             // SAFETY: FICLONE between two descriptors we own.
             unsafe { libc::ioctl(tmp.as_raw_fd(), libc::FICLONE, bf.as_raw_fd()) == 0 }
         });
-        let _ = p;
-        Ok(Transfer {
-            seq,
-            path,
-            dir,
-            name,
-            tmp: Some((tmp, tmp_name)),
-            base,
-            cloned,
-            at: 0,
-            chunks: Vec::new(),
-            part: Vec::new(),
-            size,
-            content_hash,
-            meta,
-            received: 0,
-            reported: 0,
-            conflict,
-            failed: None,
-            journal: None,
-        })
+        t.tmp = Some((tmp, tmp_name));
+        t.conflict = conflict;
+        Ok(t)
     }
 
     fn finish(&self, p: &Peer, mut t: Transfer) -> AckOutcome {
