@@ -1051,16 +1051,7 @@ fn copy_tree(
     dst_name: &CStr,
 ) -> io::Result<Copied> {
     let st = beneath::lstat_at(src_dir, src_name)?;
-    let times = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
+    let times = stat_times(&st);
     let record = |st: &libc::stat, children| Copied {
         dev: st.st_dev,
         ino: st.st_ino,
@@ -1182,16 +1173,7 @@ fn finish_attrs(fd: BorrowedFd<'_>, st: &libc::stat) -> io::Result<()> {
         }
     }
     fchmod(fd, st.st_mode & 0o7777)?;
-    let times = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
+    let times = stat_times(st);
     // SAFETY: valid descriptor and a two-element timespec array.
     check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) })
 }
@@ -2017,4 +1999,18 @@ mod tests {
         assert!(trash.list().expect("list").is_empty());
         assert_eq!(std::fs::read_dir(trash.dir()).expect("ls").count(), 0);
     }
+}
+
+/// The (atime, mtime) of `st`, as utimensat takes them.
+fn stat_times(st: &libc::stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
 }
