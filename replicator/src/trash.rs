@@ -1493,6 +1493,20 @@ fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     result.map(|()| names)
 }
 
+/// The (atime, mtime) of `st`, as utimensat takes them.
+fn stat_times(st: &libc::stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1999,18 +2013,4 @@ mod tests {
         assert!(trash.list().expect("list").is_empty());
         assert_eq!(std::fs::read_dir(trash.dir()).expect("ls").count(), 0);
     }
-}
-
-/// The (atime, mtime) of `st`, as utimensat takes them.
-fn stat_times(st: &libc::stat) -> [libc::timespec; 2] {
-    [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ]
 }
