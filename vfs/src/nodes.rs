@@ -113,7 +113,22 @@ impl NodeTable {
         at: Option<(NodeId, &OsStr)>,
     ) -> NodeId {
         let id = self.id_for(dev, ino);
+        // ext4 reuses inode numbers: a node the table knows as unlinked or replaced that a
+        // lookup now finds under a name is a new file with the old number. It takes the new
+        // descriptor and is live again (open handles keep their own descriptors).
+        let reused = at.is_some()
+            && self
+                .nodes
+                .get(&id)
+                .is_some_and(|n| n.loc.is_none() && id != ROOT)
+            || at.is_some() && self.replaced.contains(&id);
         match self.nodes.get_mut(&id) {
+            Some(n) if reused => {
+                n.refs += 1;
+                n.fd = Arc::new(fd);
+                n.kind = kind;
+                self.replaced.remove(&id);
+            }
             Some(n) => n.refs += 1,
             None => {
                 let foreign_key = (id >= FOREIGN_BASE).then_some((dev, ino));
