@@ -96,10 +96,14 @@ impl Network {
             Trash::open(&cfg.state)
                 .with_context(|| format!("cannot open the trash in {}", cfg.state.display()))?,
         );
+        let excludes = peerfs_vfs::exclude::Excludes::new(&cfg.files.exclude, &cfg.files.include)
+            .map_err(|e| anyhow!("files: {e}"))?;
         let repl_cfg = engine::Config {
             backing: cfg.backing.clone(),
             state: cfg.state.clone(),
             me,
+            me_name: cfg.name.clone(),
+            filter: Some(Arc::new(move |p: &RelPath| !excludes.is_excluded(p))),
             peers: cfg.peers.iter().map(|p| (p.id, p.name.clone())).collect(),
             owners: cfg.replication.owners,
             window: 16 * 1024 * 1024,
@@ -318,6 +322,7 @@ impl Network {
                         "records_sent": r.records_sent,
                         "records_applied": r.records_applied,
                         "replication_error": r.last_error,
+                        "sync": r.sync,
                         "name": p.name,
                         "id": p.id.to_string(),
                         "address": p.address,
@@ -329,6 +334,17 @@ impl Network {
                 })
                 .collect();
             serde_json::Value::Array(peers)
+        })
+    }
+
+    /// `status`'s reconciliation report: the start scan and the conflict copies made here.
+    pub fn reconcile_source(&self) -> crate::control::Source {
+        let repl = self.repl.clone();
+        Arc::new(move || {
+            json!({
+                "scan": repl.scan_report(),
+                "conflicts": repl.conflicts(),
+            })
         })
     }
 
