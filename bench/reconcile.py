@@ -542,8 +542,10 @@ class Bench:
                  f"(then sync(1) {synced:.2f} s)")
 
     def wait_scan(self, peer, files):
-        """A's reconcile.scan once it has counted `files` files (None if not reported)."""
+        """The peer's reconcile.scan once it has counted `files` files, or has reported a time
+        and stayed the same for a second (None if the daemon reports no scan)."""
         deadline = time.time() + self.args.timeout
+        last, since = None, time.time()
         while True:
             scan = peer.scan()
             if scan is None:
@@ -551,7 +553,11 @@ class Bench:
                     self.reports_scan = False
                 return None
             self.reports_scan = True
-            if int(scan.get("files") or 0) >= files or time.time() > deadline:
+            t = time.time()
+            if scan != last:
+                last, since = scan, t
+            if int(scan.get("files") or 0) >= files or t > deadline or \
+                    (scan.get("ms") and t - since >= 1.0):
                 return scan
             time.sleep(0.05)
 
