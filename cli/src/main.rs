@@ -12,6 +12,7 @@ mod identity_cmd;
 mod logging;
 mod mountinfo;
 mod network;
+mod progress;
 mod runtime;
 mod serve;
 mod signals;

@@ -274,6 +274,8 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
         // Through the daemon, a restore also replicates.
         trash_restore: network.as_ref().map(|n| n.trash_restore_source(&vfs)),
     };
+    // Foreground only in effect: draws while peers sync, if stderr is a terminal.
+    crate::progress::spawn(sources.peers.clone());
     // Started after the mount: a status answer means "mounted". If the thread cannot start,
     // the drive still works; only `status` is blind, which the log says.
     if let Err(e) = control::spawn_server(listener, info, sources) {

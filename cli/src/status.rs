@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::control::{self, ClientError, Request, Response, Status};
 use crate::duration::format_uptime;
 use crate::mountinfo::{MountTable, PEERFS_FSTYPE};
+use crate::progress::{PeerSync, count, human_bytes};
 
 /// `println!` into a String: printing happens once, at the end, and a closed pipe
 /// (`peerfs status | head -1`) is not a panic.
@@ -241,7 +242,14 @@ fn print_mounted(out: &mut String, st: &Status) {
             if let Some(e) = p["replication_error"].as_str() {
                 outln!(out, "  {:<16}  replication error: {e}", "");
             }
+            if let Some(sync) = PeerSync::of_peer(p) {
+                outln!(out, "  {:<16}  {}", "", sync.describe());
+            }
         }
+    }
+    // Through JSON: the field exists only in daemons that reconcile.
+    if let Ok(v) = serde_json::to_value(st) {
+        print_reconcile(out, &v["reconcile"]);
     }
     if let Some(counters) = st.stats.as_object() {
         outln!(out, "counters");
@@ -252,18 +260,140 @@ fn print_mounted(out: &mut String, st: &Status) {
     }
 }
 
-/// `1536` → `1.5 KiB`.
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
+/// The top-level `"reconcile"` object: the start scan's result and the recent conflicts
+/// (`{"scan": {"files","changed","removed","ms"}, "conflicts": [{"path","copy","peer",
+/// "time"}]}`). Prints nothing when the daemon reports none; missing numbers read as 0.
+fn print_reconcile(out: &mut String, rec: &serde_json::Value) {
+    if !rec.is_object() {
+        return;
     }
-    if u == 0 {
-        format!("{n} B")
+    outln!(out, "reconcile");
+    let scan = &rec["scan"];
+    if scan.is_object() {
+        let n = |k: &str| scan[k].as_u64().unwrap_or(0);
+        outln!(
+            out,
+            "  start scan  {} files, {} changed, {} removed, in {}",
+            count(n("files")),
+            count(n("changed")),
+            count(n("removed")),
+            millis(n("ms"))
+        );
+    }
+    let conflicts = rec["conflicts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if conflicts.is_empty() {
+        outln!(out, "  conflicts   none");
+        return;
+    }
+    outln!(out, "  conflicts   {}", count(conflicts.len() as u64));
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .map(crate::timefmt::rfc3339_utc)
+            .unwrap_or_else(|| n.to_string()),
+        serde_json::Value::Null => "?".to_string(),
+        other => other.to_string(),
+    };
+    for c in conflicts {
+        outln!(
+            out,
+            "    {} \u{2192} {}, {}, {}",
+            text(&c["path"]),
+            text(&c["copy"]),
+            text(&c["peer"]),
+            text(&c["time"])
+        );
+    }
+}
+
+/// `850` → `850 ms`, `12345` → `12.3 s`.
+fn millis(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
     } else {
-        format!("{v:.1} {}", UNITS[u])
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// From JSON, as the client gets it, so fields added to [`Status`] later (with
+    /// `#[serde(default)]`, as older daemons lack them) need no change here.
+    fn status(peers: Vec<serde_json::Value>) -> Status {
+        serde_json::from_value(json!({
+            "mounted": true, "pid": 7, "name": "office-a", "mountpoint": "/srv/drive",
+            "backing": "/srv/share", "state": "/var/lib/peerfs/a",
+            "since": "2026-11-25T10:00:00Z", "since_unix": 1_795_600_800_u64,
+            "uptime_secs": 61, "version": "0.1.0",
+            "drive": {"allow_other": true, "threads": 4, "passthrough": true, "cache_ttl": "1s"},
+            "stats": {}, "peers": peers,
+        }))
+        .expect("a status")
+    }
+
+    #[test]
+    fn a_sync_line_per_peer_that_reports_one() {
+        let mut out = String::new();
+        print_mounted(
+            &mut out,
+            &status(vec![
+                json!({"name": "office-b", "connected": true, "since": "x", "queue": 0,
+                       "sync": {"state": "syncing", "files_done": 1234, "files_total": 10_000,
+                                "bytes_done": 1_258_291, "bytes_total": 10_276_044}}),
+                // An older daemon's entry: no sync line, nothing else changes.
+                json!({"name": "office-c", "connected": false}),
+            ]),
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        let b = lines
+            .iter()
+            .position(|l| l.contains("office-b"))
+            .expect("b");
+        assert!(lines[b + 1].contains("queue 0 (0 B pending)"), "{out}");
+        assert_eq!(
+            lines[b + 2].trim(),
+            "syncing 1,234/10,000 files, 1.2 MiB/9.8 MiB"
+        );
+        let c = lines
+            .iter()
+            .position(|l| l.contains("office-c"))
+            .expect("c");
+        assert!(lines[c + 1].contains("queue 0"), "{out}");
+        assert_eq!(lines[c + 2], "counters");
+        assert!(!out.contains("reconcile"), "{out}");
+    }
+
+    #[test]
+    fn reconcile_scan_and_conflicts() {
+        let mut out = String::new();
+        print_reconcile(
+            &mut out,
+            &json!({"scan": {"files": 100_000, "changed": 1, "removed": 0, "ms": 1830},
+                    "conflicts": [{"path": "docs/a.docx",
+                                   "copy": "docs/a (conflict office-b).docx",
+                                   "peer": "office-b", "time": 1_700_000_000_u64},
+                                  {"path": "b.txt", "time": "2026-11-25T10:32:00Z"}]}),
+        );
+        assert_eq!(
+            out,
+            "reconcile\n  start scan  100,000 files, 1 changed, 0 removed, in 1.8 s\n  \
+             conflicts   2\n    docs/a.docx \u{2192} docs/a (conflict office-b).docx, \
+             office-b, 2023-11-14T22:13:20Z\n    b.txt \u{2192} ?, ?, 2026-11-25T10:32:00Z\n"
+        );
+        let mut out = String::new();
+        print_reconcile(&mut out, &json!({"scan": {"ms": 12}}));
+        assert_eq!(
+            out,
+            "reconcile\n  start scan  0 files, 0 changed, 0 removed, in 12 ms\n  conflicts   none\n"
+        );
+        let mut out = String::new();
+        print_reconcile(&mut out, &serde_json::Value::Null);
+        assert_eq!(out, "");
     }
 }
