@@ -33,7 +33,7 @@ pub enum Message {
     /// that set changes): a peer that is not connected to one of them directly reaches it
     /// through the sender (peer parent / relay).
     Neighbors {
-        peers: Vec<PeerId>,
+        peers: Vec<(PeerId, String)>,
     },
     /// A lock message from `from` for `to`, relayed by the peer that sends this frame. `hops`
     /// counts relays so far; a relay forwards only to a peer it is connected to.
@@ -279,6 +279,9 @@ pub enum ReplMsg {
         files: u64,
         bytes: u64,
         configured: Vec<PeerId>,
+        /// An answer to the receiver's summary (equal digests are answered once, so both
+        /// sides learn they agree).
+        reply: bool,
     },
     /// Reconciliation: the children of folder `dir` with their digests (`more`: the listing
     /// continues in the next frame).

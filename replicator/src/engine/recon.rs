@@ -84,8 +84,6 @@ pub(super) struct Shared {
 pub(super) struct PeerRecon {
     /// Send a summary once the queue to this peer is empty.
     want_summary: bool,
-    /// We told the peer our digest since the last change (an equal summary is echoed once).
-    told: bool,
     comparing: bool,
     in_sync: bool,
     rounds: u64,
@@ -128,12 +126,11 @@ impl Inner {
                 return;
             }
             st.recon.want_summary = false;
-            st.recon.told = true;
         }
-        self.send_summary(p);
+        self.send_summary(p, false);
     }
 
-    fn send_summary(&self, p: &Peer) {
+    fn send_summary(&self, p: &Peer, reply: bool) {
         let sum = self.store.dir_sum(b"").unwrap_or_default();
         let configured = self.cfg.peers.iter().map(|(id, _)| *id).collect();
         self.transport.send(
@@ -143,6 +140,7 @@ impl Inner {
                 files: sum.files,
                 bytes: sum.bytes,
                 configured,
+                reply,
             },
             true,
         );
@@ -178,6 +176,18 @@ impl Inner {
             "in-sync"
         } else {
             "comparing"
+        };
+        // Queue sizes count operations by an estimate: an empty queue means all of it is done.
+        let drained = st.connected && queue == 0;
+        let (acked, sent) = if drained {
+            (r.files_total, r.bytes_total)
+        } else {
+            (acked, sent)
+        };
+        let (applied, received) = if r.in_sync && drained {
+            (r.recv_files_total, r.recv_bytes_total)
+        } else {
+            (applied, received)
         };
         SyncProgress {
             state: state.into(),
@@ -381,8 +391,11 @@ impl Inner {
         let p = self.peers[i].clone();
         let r = match msg {
             ReplMsg::Summary {
-                digest, configured, ..
-            } => self.on_summary(&p, digest, configured),
+                digest,
+                configured,
+                reply,
+                ..
+            } => self.on_summary(&p, digest, configured, reply),
             ReplMsg::List { dir, items, more } => self.on_list(i, &p, dir, items, more),
             ReplMsg::Have { items } => self.on_have(i, &p, items),
             ReplMsg::Plan { files, bytes } => {
@@ -398,7 +411,13 @@ impl Inner {
         }
     }
 
-    fn on_summary(&self, p: &Peer, digest: Digest, configured: Vec<PeerId>) -> io::Result<()> {
+    fn on_summary(
+        &self,
+        p: &Peer,
+        digest: Digest,
+        configured: Vec<PeerId>,
+        reply: bool,
+    ) -> io::Result<()> {
         let conf: Vec<PeerKey> = configured.iter().take(1024).map(|c| c.0).collect();
         self.store.set_peer_config(&p.key, &conf).map_err(ioerr)?;
         if self.store.len(&p.key).unwrap_or(0) > 0 {
@@ -411,11 +430,10 @@ impl Inner {
         if mine.digest == digest {
             st.recon.in_sync = true;
             st.recon.comparing = false;
-            let echo = !st.recon.told;
-            st.recon.told = true;
             drop(st);
-            if echo {
-                self.send_summary(p);
+            if !reply {
+                // Tell it we agree (it may have compared before its queue drained).
+                self.send_summary(p, true);
             }
             return Ok(());
         }
@@ -632,7 +650,6 @@ impl Inner {
                 st.recon.files_total += files;
                 st.recon.bytes_total += bytes;
                 st.recon.want_summary = true;
-                st.recon.told = false;
                 st.recon.in_sync = false;
                 (st.recon.files_total, st.recon.bytes_total)
             };
