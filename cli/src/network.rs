@@ -157,7 +157,7 @@ impl Network {
                                 from: me,
                                 to: peer,
                                 hops: 1,
-                                lock: msg,
+                                lock: Box::new(msg),
                             },
                             Priority::Control,
                         ),
@@ -286,7 +286,7 @@ impl Network {
                                 Err(_) => (false, false),
                             };
                             if deliver {
-                                svc.on_message(from, lock);
+                                svc.on_message(from, *lock);
                             } else if forward {
                                 let _ = relay.send(
                                     to,

@@ -41,7 +41,7 @@ pub enum Message {
         from: PeerId,
         to: PeerId,
         hops: u8,
-        lock: LockMsg,
+        lock: Box<LockMsg>,
     },
 }
 
@@ -217,7 +217,7 @@ pub enum ReplMsg {
         seq: u64,
         op: NsOp,
         /// The version the operation makes (for a removal: the tombstone's).
-        ver: Option<Version>,
+        ver: Option<Box<Version>>,
     },
     /// Start of a content transfer of `path`: the new version is `size` bytes with
     /// `content_hash`, built from the receiver's version `base` (its content hash; `None`:
@@ -242,7 +242,7 @@ pub enum ReplMsg {
         /// that follow it (none of which touches its path), and it is acknowledged on its own.
         side: bool,
         /// The version being sent.
-        ver: Option<Version>,
+        ver: Option<Box<Version>>,
     },
     /// Bytes of the base version at `from_offset` (whole base chunks).
     Copy {

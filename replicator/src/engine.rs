@@ -1292,7 +1292,7 @@ impl Inner {
                         epoch,
                         seq,
                         op,
-                        ver,
+                        ver: ver.map(Box::new),
                     },
                     true,
                 )?;
@@ -1316,7 +1316,7 @@ impl Inner {
                                 epoch,
                                 seq,
                                 op: NsOp::SetMeta { path, meta },
-                                ver,
+                                ver: ver.map(Box::new),
                             },
                             true,
                         )?
@@ -1387,7 +1387,7 @@ impl Inner {
                         path: path.clone(),
                         meta,
                     },
-                    ver: self.ver_of(current),
+                    ver: self.ver_of(current).map(Box::new),
                 },
                 true,
             )?;
@@ -1406,7 +1406,7 @@ impl Inner {
                         target: ByteBuf(target),
                         meta,
                     },
-                    ver: self.ver_of(current),
+                    ver: self.ver_of(current).map(Box::new),
                 },
                 true,
             )?;
@@ -1507,7 +1507,7 @@ impl Inner {
                 ver: self
                     .entry(current.as_bytes())
                     .filter(|e| e.state.kind == Kind::File && e.state.hash == *new.content_hash())
-                    .map(|e| e.state.ver),
+                    .map(|e| Box::new(e.state.ver)),
             },
             true,
         )?;
@@ -1942,7 +1942,7 @@ impl Inner {
             };
             match msg {
                 ReplMsg::Op { seq, op, ver, .. } => {
-                    let outcome = self.apply_op(&p, op, ver);
+                    let outcome = self.apply_op(&p, op, ver.map(|v| *v));
                     if !ack(seq, outcome, None) {
                         halted = true;
                     }
@@ -1969,7 +1969,7 @@ impl Inner {
                     meta,
                     aligned,
                     checked,
-                    ver,
+                    ver.map(|v| *v),
                 ) {
                     Ok(t) if beside => {
                         side.insert(seq, t);
