@@ -315,10 +315,12 @@ impl Network {
                 .map(std::os::fd::OwnedFd::from)
                 .with_context(|| format!("cannot open backing {}", cfg.backing.display()))?,
         );
-        // The trash keeps deleted files for `retention`: swept now and every hour.
+        // The trash keeps deleted files for `retention`, and the index their tombstones: swept
+        // now and every hour.
         {
             let trash = Arc::clone(&trash);
             let retention = cfg.trash.retention;
+            let repl = repl.clone();
             std::thread::Builder::new()
                 .name("trash-sweep".into())
                 .spawn(move || {
@@ -334,6 +336,8 @@ impl Network {
                             Ok(_) => {}
                             Err(e) => tracing::warn!("cannot sweep the trash: {e}"),
                         }
+                        // Tombstones live as long as the trash keeps what they removed.
+                        repl.expire_tombstones(retention);
                         std::thread::sleep(Duration::from_secs(3600));
                     }
                 })

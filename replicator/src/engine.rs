@@ -522,6 +522,12 @@ impl Replicator {
         self.inner.conflicts()
     }
 
+    /// Forgets tombstones older than `retention` (a peer away longer than that may bring
+    /// back what was deleted: its trash copy is gone too). Returns how many were dropped.
+    pub fn expire_tombstones(&self, retention: Duration) -> usize {
+        self.inner.expire_tombstones(retention)
+    }
+
     /// What the start scan found.
     pub fn scan_report(&self) -> ScanReport {
         self.inner.scan_report()

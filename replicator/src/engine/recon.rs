@@ -704,6 +704,34 @@ impl Inner {
         }
     }
 
+    pub(super) fn expire_tombstones(&self, retention: Duration) -> usize {
+        let cutoff = now_secs().saturating_sub(retention.as_secs().min(i64::MAX as u64) as i64);
+        let mut old = Vec::new();
+        for r in self.store.cat_all() {
+            match r {
+                Ok((p, e)) if e.state.kind == Kind::Gone && e.state.ver.time < cutoff => {
+                    old.push((p, None))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("tombstone sweep: unreadable index entry: {e}"),
+            }
+        }
+        let n = old.len();
+        for batch in old.chunks(1024) {
+            if let Err(e) = self.store.cat_put_many(batch) {
+                tracing::warn!("tombstone sweep: {e}");
+                return 0;
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                expired = n,
+                "tombstones older than the trash retention forgotten"
+            );
+        }
+        n
+    }
+
     // --- the start scan ---------------------------------------------------------------------
 
     /// Compares the backing folder with the index and records what changed while peerfs was
