@@ -1898,7 +1898,41 @@ impl Inner {
         let mut cur: Option<Transfer> = None;
         // Side transfers in progress (their pieces interleave with the stream).
         let mut side: HashMap<u64, Transfer> = HashMap::new();
-        while let Ok(m) = rx.recv() {
+        // Small new versions built and waiting to be committed together (one filesystem
+        // sync for many files, then their renames, then their acknowledgements).
+        let mut batch: Vec<Pending> = Vec::new();
+        loop {
+            let m = if batch.is_empty() {
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(mpsc::TryRecvError::Empty) => {
+                        self.commit_batch(&p, &mut batch);
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.commit_batch(&p, &mut batch);
+                        break;
+                    }
+                }
+            };
+            // Anything but the pieces of an unrelated transfer waits for the batch.
+            let related = match &m {
+                Incoming::Msg(
+                    ReplMsg::Copy { .. } | ReplMsg::Data { .. } | ReplMsg::End { .. },
+                ) => false,
+                Incoming::Msg(ReplMsg::Begin { path, .. }) => batch
+                    .iter()
+                    .any(|b| b.path.starts_with(path) || path.starts_with(&b.path)),
+                _ => true,
+            };
+            if related && !batch.is_empty() {
+                self.commit_batch(&p, &mut batch);
+            }
             let msg = match m {
                 Incoming::Reset => {
                     epoch = 0;
@@ -1929,22 +1963,7 @@ impl Inner {
                 }
             }
             let ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
-                let ok = outcome == AckOutcome::Applied;
-                if ok {
-                    p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
-                }
-                if !self.transport.send(
-                    p.id,
-                    ReplMsg::Ack {
-                        seq,
-                        outcome,
-                        holds: if ok { holds } else { None },
-                    },
-                    false,
-                ) {
-                    tracing::debug!(peer = %p.name, seq, "ack not sent: disconnected");
-                }
-                ok
+                self.ack(&p, seq, outcome, holds)
             };
             match msg {
                 ReplMsg::Op { seq, op, ver, .. } => {
@@ -2047,12 +2066,21 @@ impl Inner {
                         )
                         .then_some(t.content_hash);
                         let big = t.chunks.len() > TRIM_CHUNKS;
-                        let outcome = self.finish(&p, t);
+                        match self.finish(&p, t, true) {
+                            Finished::Done(outcome) => {
+                                if !ack(seq, outcome, holds) {
+                                    halted = true;
+                                }
+                            }
+                            Finished::Deferred(pending) => {
+                                batch.push(*pending);
+                                if batch.len() >= BATCH_FILES {
+                                    self.commit_batch(&p, &mut batch);
+                                }
+                            }
+                        }
                         if big {
                             trim_heap();
-                        }
-                        if !ack(seq, outcome, holds) {
-                            halted = true;
                         }
                     }
                 }
@@ -2063,6 +2091,102 @@ impl Inner {
                 ReplMsg::Ack { .. } | ReplMsg::Progress { .. } => {}
             }
         }
+    }
+
+    /// Acknowledges record `seq` to `p`; true if it was applied.
+    fn ack(&self, p: &Peer, seq: u64, outcome: AckOutcome, holds: Option<Hash>) -> bool {
+        let ok = outcome == AckOutcome::Applied;
+        if ok {
+            p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
+        }
+        if !self.transport.send(
+            p.id,
+            ReplMsg::Ack {
+                seq,
+                outcome,
+                holds: if ok { holds } else { None },
+            },
+            false,
+        ) {
+            tracing::debug!(peer = %p.name, seq, "ack not sent: disconnected");
+        }
+        ok
+    }
+
+    /// Commits the small versions built so far: one filesystem sync makes their data durable,
+    /// then each is renamed into place (readers see whole files only), one more sync makes
+    /// the renames durable, and only then are they acknowledged. A crash before the first
+    /// sync leaves only intermediate files (swept at start); the sender resends.
+    fn commit_batch(&self, p: &Peer, batch: &mut Vec<Pending>) {
+        if batch.is_empty() {
+            return;
+        }
+        let synced = syncfs(self.root());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for pd in batch.drain(..) {
+            let seq = pd.seq;
+            let holds = Some(pd.content_hash);
+            let r = (|| -> io::Result<AckOutcome> {
+                if !synced {
+                    pd.tmp.sync_all()?;
+                }
+                self.commit_one(p, pd, !synced)
+            })();
+            let outcome = match r {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(peer = %p.name, seq, "replication: cannot apply an update: {e}");
+                    failed(&e)
+                }
+            };
+            outcomes.push((seq, outcome, holds));
+        }
+        if synced && !syncfs(self.root()) {
+            tracing::warn!("replication: the renames of a batch may not be durable yet");
+        }
+        for (seq, outcome, holds) in outcomes {
+            self.ack(p, seq, outcome, holds);
+        }
+    }
+
+    /// Renames one built version into place and records it (see [`Inner::commit_batch`]).
+    fn commit_one(&self, p: &Peer, pd: Pending, sync_dir: bool) -> io::Result<AckOutcome> {
+        let Pending {
+            path,
+            dir,
+            name,
+            theirs,
+            ours,
+            tmp,
+            tmp_name,
+            guard,
+            manifest,
+            ..
+        } = pd;
+        renameat(dir.as_fd(), &tmp_name, dir.as_fd(), &name)?;
+        std::mem::forget(guard);
+        if sync_dir {
+            fsync_dir(dir.as_fd());
+        }
+        drop(tmp);
+        let file = File::from(openat2_beneath(
+            dir.as_fd(),
+            &name,
+            libc::O_RDONLY | libc::O_NOFOLLOW,
+            0,
+        )?);
+        self.note_received(p, &path, &manifest, &file)?;
+        self.record_remote(
+            path.as_bytes(),
+            theirs,
+            ours.as_ref(),
+            Some(stamp_of(&fstat(&file)?)),
+        )?;
+        if let Some(a) = self.applied() {
+            a.changed(&path);
+        }
+        self.forward(self.index_of(p), path.as_bytes());
+        Ok(AckOutcome::Applied)
     }
 
     fn applied(&self) -> Option<Arc<dyn Applied>> {
@@ -2381,11 +2505,14 @@ impl Inner {
             .map_err(ioerr)
     }
 
-    fn finish(&self, p: &Peer, mut t: Transfer) -> AckOutcome {
+    /// Ends a transfer. `may_defer`: a small new version replacing a file (or nothing) may
+    /// wait for [`Inner::commit_batch`] instead of its own fsyncs.
+    fn finish(&self, p: &Peer, mut t: Transfer, may_defer: bool) -> Finished {
         if let Some(f) = t.failed.take() {
-            return f;
+            return Finished::Done(f);
         }
         let i = self.index_of(p);
+        let mut deferred: Option<Box<Pending>> = None;
         let r = (|| -> io::Result<AckOutcome> {
             if t.discard {
                 if t.decision == Decision::Same {
@@ -2429,6 +2556,28 @@ impl Inner {
                 });
             }
             apply_meta(tmp.as_fd(), &t.meta, self.cfg.owners, false)?;
+            let plain = t.decision == Decision::Apply
+                && t.size <= BATCH_MAX_FILE
+                && match lstat_at(t.dir.as_fd(), &t.name) {
+                    Ok(st) => is_kind(&st, libc::S_IFREG) && st.st_nlink <= 1,
+                    Err(e) => e.raw_os_error() == Some(libc::ENOENT),
+                };
+            if may_defer && plain {
+                deferred = Some(Box::new(Pending {
+                    seq: t.seq,
+                    path: t.path.clone(),
+                    dir: t.dir.try_clone()?,
+                    name: t.name.clone(),
+                    theirs: t.theirs.clone(),
+                    ours: t.ours.clone(),
+                    content_hash: t.content_hash,
+                    tmp,
+                    tmp_name,
+                    guard,
+                    manifest: m,
+                }));
+                return Ok(AckOutcome::Applied);
+            }
             tmp.sync_all()?;
             let sibling = |n: &CStr| -> io::Result<RelPath> {
                 match t.path.split_last() {
@@ -2587,10 +2736,14 @@ impl Inner {
             Ok(AckOutcome::Applied)
         })();
         match r {
-            Ok(o) => o,
+            Ok(_) if deferred.is_some() => match deferred {
+                Some(d) => Finished::Deferred(d),
+                None => Finished::Done(AckOutcome::Applied),
+            },
+            Ok(o) => Finished::Done(o),
             Err(e) => {
                 tracing::warn!(path = %t.path, peer = %p.name, "replication: cannot apply an update: {e}");
-                failed(&e)
+                Finished::Done(failed(&e))
             }
         }
     }
@@ -3334,6 +3487,52 @@ impl Transfer {
         });
         self.at += part.len() as u64;
         Ok(())
+    }
+}
+
+/// Small versions are committed together (see [`Inner::commit_batch`]): at most this many...
+const BATCH_FILES: usize = 256;
+/// ...of at most this size each (larger ones are fsynced on their own).
+const BATCH_MAX_FILE: u64 = 1024 * 1024;
+
+/// How a transfer ended.
+enum Finished {
+    Done(AckOutcome),
+    /// Built and verified; committed with the next batch.
+    Deferred(Box<Pending>),
+}
+
+/// A verified new version waiting in its intermediate file for the batch commit.
+struct Pending {
+    seq: u64,
+    path: RelPath,
+    dir: OwnedFd,
+    name: CString,
+    theirs: EntryState,
+    ours: Option<EntryState>,
+    content_hash: Hash,
+    tmp: File,
+    tmp_name: CString,
+    guard: TmpName,
+    manifest: Manifest,
+}
+
+/// syncfs(2) of the filesystem holding `fd`: every dirty page and the journal, at once.
+fn syncfs(fd: BorrowedFd<'_>) -> bool {
+    // The root is opened O_PATH; syncfs needs a real descriptor.
+    let dir = match openat2_beneath(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("cannot open the backing folder to sync it: {e}");
+            return false;
+        }
+    };
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        true
+    } else {
+        tracing::warn!("syncfs failed: {}", io::Error::last_os_error());
+        false
     }
 }
 
