@@ -665,6 +665,9 @@ impl Applied for DriveCaches {
             v.remote_ungate(ino);
         }
     }
+    fn writing(&self, path: &RelPath) -> bool {
+        self.0.upgrade().is_some_and(|v| v.remote_writing(path))
+    }
 }
 
 /// Which peers are reachable only through another peer (one relay: a neighbor of a neighbor),

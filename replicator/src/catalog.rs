@@ -171,6 +171,14 @@ pub fn xor(a: &Digest, b: &Digest) -> Digest {
     o
 }
 
+/// Whether live state `e` has changes that version `v` (a removal or a rename made
+/// elsewhere) did not know: neither its vector nor its history covers them.
+pub fn unknown_to(e: &EntryState, v: &Version) -> bool {
+    e.kind != Kind::Gone
+        && !dominated(&e.ver.vv, &v.vv)
+        && !(matches!(e.kind, Kind::File | Kind::Symlink) && v.history.contains(&e.hash))
+}
+
 /// What a receiver does with a peer's version of a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -192,8 +200,7 @@ pub fn theirs_wins(ours: &EntryState, theirs: &EntryState) -> bool {
 }
 
 /// Decides between this server's state of a path (`None`: never heard of it) and a peer's.
-/// `base`: for a content transfer, the content hash the sender built its update from.
-pub fn decide(ours: Option<&EntryState>, theirs: &EntryState, base: Option<&Hash>) -> Decision {
+pub fn decide(ours: Option<&EntryState>, theirs: &EntryState) -> Decision {
     let Some(ours) = ours else {
         return if theirs.kind == Kind::Gone {
             Decision::Same
@@ -209,14 +216,15 @@ pub fn decide(ours: Option<&EntryState>, theirs: &EntryState, base: Option<&Hash
         Relation::After => return Decision::Stale,
         Relation::Equal | Relation::Concurrent => {}
     }
-    // Vectors say concurrent (e.g. two trees that met with no shared history): ancestry by
-    // content hash — the sender edited exactly what we hold, or one's content is in the
-    // other's history.
-    let files = ours.kind == Kind::File && theirs.kind == Kind::File;
-    if files && (base == Some(&ours.hash) || theirs.ver.history.contains(&ours.hash)) {
+    // Vectors say concurrent (e.g. two trees that met with no shared history, whose equal
+    // files never merged their vectors): ancestry by content hash — one's content is in the
+    // other's history (a deletion's history holds what it deleted). The delta base of a
+    // transfer says nothing about ancestry: a sender may know our content as a conflict copy.
+    let known = |e: &EntryState| matches!(e.kind, Kind::File | Kind::Symlink);
+    if known(ours) && theirs.ver.history.contains(&ours.hash) {
         return Decision::Apply;
     }
-    if files && ours.ver.history.contains(&theirs.hash) {
+    if known(theirs) && ours.ver.history.contains(&theirs.hash) {
         return Decision::Stale;
     }
     // Deletion against an edit: the edit survives, on both sides.
@@ -271,27 +279,27 @@ mod tests {
         let a = st(Kind::File, 1, &[(1, 2)], 100, 1);
         let b = st(Kind::File, 2, &[(2, 2)], 200, 2);
         // Concurrent: the later one keeps the path on both sides.
-        assert_eq!(decide(Some(&a), &b, None), Decision::OursLoses);
-        assert_eq!(decide(Some(&b), &a, None), Decision::TheirsLoses);
+        assert_eq!(decide(Some(&a), &b), Decision::OursLoses);
+        assert_eq!(decide(Some(&b), &a), Decision::TheirsLoses);
         // Descends.
         let a2 = st(Kind::File, 3, &[(1, 3)], 50, 1);
-        assert_eq!(decide(Some(&a), &a2, None), Decision::Apply);
-        assert_eq!(decide(Some(&a2), &a, None), Decision::Stale);
+        assert_eq!(decide(Some(&a), &a2), Decision::Apply);
+        assert_eq!(decide(Some(&a2), &a), Decision::Stale);
         // Same content.
         let a3 = st(Kind::File, 1, &[(2, 9)], 50, 2);
-        assert_eq!(decide(Some(&a), &a3, None), Decision::Same);
+        assert_eq!(decide(Some(&a), &a3), Decision::Same);
     }
 
     #[test]
     fn delete_versus_edit_keeps_the_edit() {
         let gone = st(Kind::Gone, 0, &[(1, 2), (2, 1)], 100, 1);
         let edit = st(Kind::File, 5, &[(2, 2)], 90, 2);
-        assert_eq!(decide(Some(&gone), &edit, None), Decision::Apply);
-        assert_eq!(decide(Some(&edit), &gone, None), Decision::Stale);
+        assert_eq!(decide(Some(&gone), &edit), Decision::Apply);
+        assert_eq!(decide(Some(&edit), &gone), Decision::Stale);
         // A deletion that knew the version wins.
         let old = st(Kind::File, 5, &[(2, 1)], 90, 2);
-        assert_eq!(decide(Some(&old), &gone, None), Decision::Apply);
-        assert_eq!(decide(Some(&gone), &old, None), Decision::Stale);
+        assert_eq!(decide(Some(&old), &gone), Decision::Apply);
+        assert_eq!(decide(Some(&gone), &old), Decision::Stale);
     }
 
     #[test]
@@ -299,8 +307,8 @@ mod tests {
         let mut newer = st(Kind::File, 2, &[(1, 1)], 10, 1);
         newer.ver.history = vec![[7; 32]];
         let older = st(Kind::File, 7, &[(2, 1)], 5, 2);
-        assert_eq!(decide(Some(&older), &newer, None), Decision::Apply);
-        assert_eq!(decide(Some(&newer), &older, None), Decision::Stale);
+        assert_eq!(decide(Some(&older), &newer), Decision::Apply);
+        assert_eq!(decide(Some(&newer), &older), Decision::Stale);
     }
 
     #[test]

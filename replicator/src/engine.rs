@@ -100,6 +100,12 @@ pub trait Applied: Send + Sync {
         true
     }
     fn ungate(&self, _ino: u64) {}
+    /// Whether the drive has the file at `path` open for writing: a peer's version never
+    /// replaces it under its writer (the update is retried once the writer is done, and then
+    /// decided against the writer's version).
+    fn writing(&self, _path: &RelPath) -> bool {
+        false
+    }
 }
 
 /// Whether this server holds the lock on a name (see [`Replicator::set_held_probe`]).
@@ -276,6 +282,13 @@ struct Inner {
     held: Mutex<HashMap<RelPath, Instant>>,
     /// Reconciliation: conflicts made here, the start scan's report.
     recon: recon::Shared,
+    /// Held while a peer's change is checked against the backing folder and put in place:
+    /// the receivers of different peers never decide on a state another one is replacing.
+    apply_lock: Mutex<()>,
+    /// The start scan is running: peers are compared and their streams applied only after.
+    scanning: AtomicBool,
+    /// Peers that connected during the scan.
+    pending_connect: Mutex<Vec<PeerId>>,
     waiters: Mutex<Vec<Waiter>>,
     stop: AtomicBool,
 }
@@ -362,6 +375,9 @@ impl Replicator {
             trash,
             held: Mutex::new(HashMap::new()),
             recon: recon::Shared::default(),
+            apply_lock: Mutex::new(()),
+            scanning: AtomicBool::new(true),
+            pending_connect: Mutex::new(Vec::new()),
             waiters: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -370,8 +386,22 @@ impl Replicator {
             tracing::info!(replayed, "finished in-place updates a crash interrupted");
         }
         sweep_tmp(&inner.cfg.backing);
-        // What changed while peerfs was not running, before any peer compares trees with us.
-        inner.start_scan();
+        // What changed while peerfs was not running, before any peer compares trees with us
+        // (in the background: a first scan of a large tree hashes everything; the drive is
+        // usable meanwhile, replication with peers starts when it is done).
+        {
+            let me = inner.clone();
+            std::thread::Builder::new()
+                .name("repl-scan".into())
+                .spawn(move || {
+                    me.start_scan();
+                    me.scanning.store(false, Ordering::SeqCst);
+                    let pending = std::mem::take(&mut *me.pending_connect.lock());
+                    for peer in pending {
+                        me.connect(peer);
+                    }
+                })?;
+        }
         for (i, p) in inner.peers.iter().enumerate() {
             let me = inner.clone();
             std::thread::Builder::new()
@@ -462,23 +492,20 @@ impl Replicator {
     }
 
     pub fn peer_connected(&self, peer: PeerId) {
-        if let Some((i, p)) = self.inner.peer(peer) {
-            if let Some(tx) = p.rx.lock().as_ref() {
-                let _ = tx.send(Incoming::Reset);
+        {
+            let mut pending = self.inner.pending_connect.lock();
+            if self.inner.scanning.load(Ordering::SeqCst) {
+                if !pending.contains(&peer) {
+                    pending.push(peer);
+                }
+                return;
             }
-            let mut st = p.state.lock();
-            st.connected = true;
-            self.inner.restart(&mut st, 0);
-            st.retry_at = None;
-            st.backoff = Duration::ZERO;
-            self.inner.recon_connected(p, &mut st);
-            drop(st);
-            p.wake.notify_all();
-            let _ = i;
         }
+        self.inner.connect(peer);
     }
 
     pub fn peer_disconnected(&self, peer: PeerId) {
+        self.inner.pending_connect.lock().retain(|p| *p != peer);
         if let Some((_, p)) = self.inner.peer(peer) {
             if let Some(tx) = p.rx.lock().as_ref() {
                 let _ = tx.send(Incoming::Reset);
@@ -594,6 +621,23 @@ impl Inner {
 
     fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
+    }
+
+    /// Starts streaming with `peer` (after the start scan).
+    fn connect(&self, peer: PeerId) {
+        if let Some((_, p)) = self.peer(peer) {
+            if let Some(tx) = p.rx.lock().as_ref() {
+                let _ = tx.send(Incoming::Reset);
+            }
+            let mut st = p.state.lock();
+            st.connected = true;
+            self.restart(&mut st, 0);
+            st.retry_at = None;
+            st.backoff = Duration::ZERO;
+            self.recon_connected(p, &mut st);
+            drop(st);
+            p.wake.notify_all();
+        }
     }
 
     fn journal_dir(&self) -> PathBuf {
@@ -1127,7 +1171,8 @@ impl Inner {
                 self.maybe_summary(&p);
                 let mut st = p.state.lock();
                 if st.generation == generation && st.cursor == cursor {
-                    p.wake.wait_for(&mut st, Duration::from_secs(1));
+                    let wait = Self::idle_wait(&st);
+                    p.wake.wait_for(&mut st, wait);
                 }
                 continue;
             };
@@ -1244,6 +1289,47 @@ impl Inner {
         )
     }
 
+    /// The version a queued rename or link is sent with. Like content, it is the file's
+    /// current one when the file is still where the operation put it: the stream may already
+    /// have brought the peer a later content of the file under its old name (records send
+    /// current content), and the operation must cover that content too (its history names it).
+    fn op_version(&self, file: FileId, op: &NsOp, stored: Option<Version>) -> Option<Version> {
+        let target = match op {
+            NsOp::Rename { to, .. } => to,
+            NsOp::Link { path, .. } => path,
+            _ => return stored,
+        };
+        let here = self
+            .store
+            .path_of(file)
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.as_os_str().as_bytes() == target.as_bytes());
+        let current = self
+            .entry(target.as_bytes())
+            .filter(|e| here && e.state.kind != Kind::Gone);
+        match (current, stored) {
+            (Some(e), stored) => {
+                let mut v = e.state.ver;
+                if matches!(e.state.kind, Kind::File | Kind::Symlink) {
+                    v.history = crate::catalog::push_history(&v.history, e.state.hash);
+                }
+                if let Some(s) = &stored {
+                    v.vv = crate::catalog::merge(&v.vv, &s.vv);
+                    for h in s.history.iter().rev() {
+                        if !v.history.contains(h)
+                            && v.history.len() < peerfs_proto::msg::MAX_HISTORY
+                        {
+                            v.history.push(*h);
+                        }
+                    }
+                }
+                Some(v)
+            }
+            (None, stored) => stored,
+        }
+    }
+
     /// The version of the object at `path` here, as the index has it.
     fn ver_of(&self, path: &RelPath) -> Option<Version> {
         self.entry(path.as_bytes())
@@ -1292,6 +1378,7 @@ impl Inner {
         match kind {
             RecordKind::Op(bytes) => {
                 let OpRecord { op, ver } = decode_op(&bytes).map_err(|e| Stop::Io(ioerr(e)))?;
+                let ver = self.op_version(rec.file, &op, ver);
                 self.send(
                     p,
                     ReplMsg::Op {
@@ -1871,6 +1958,8 @@ struct Transfer {
     discard: bool,
     theirs: EntryState,
     ours: Option<EntryState>,
+    /// The object at the path when the decision was made (`None`: nothing there).
+    seen: Option<ScanStamp>,
     failed: Option<AckOutcome>,
     /// Patch mode: the changed bytes go to a journal, applied in place at the end.
     journal: Option<crate::patch::Journal>,
@@ -1901,6 +1990,10 @@ impl Inner {
         // Small new versions built and waiting to be committed together (one filesystem
         // sync for many files, then their renames, then their acknowledgements).
         let mut batch: Vec<Pending> = Vec::new();
+        // Nothing from peers is applied before the start scan has recorded what is here.
+        while self.scanning.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         loop {
             let m = if batch.is_empty() {
                 match rx.recv() {
@@ -2093,6 +2186,32 @@ impl Inner {
         }
     }
 
+    /// `None` if the object at `name` may be replaced by a peer's version: it is still what
+    /// the decision saw (`seen`), and the drive does not have it open for writing. Otherwise
+    /// the refusal to send (the sender retries, and the next decision sees the change).
+    fn replaceable(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        path: &RelPath,
+        seen: Option<ScanStamp>,
+    ) -> Option<AckOutcome> {
+        let now = lstat_at(dir, name).ok().map(|st| stamp_of(&st));
+        if now != seen {
+            return Some(AckOutcome::Failed {
+                error: format!("{path} changed here during the transfer"),
+                retry: true,
+            });
+        }
+        if self.applied().is_some_and(|a| a.writing(path)) {
+            return Some(AckOutcome::Failed {
+                error: format!("{path} is open for writing here"),
+                retry: true,
+            });
+        }
+        None
+    }
+
     /// Acknowledges record `seq` to `p`; true if it was applied.
     fn ack(&self, p: &Peer, seq: u64, outcome: AckOutcome, holds: Option<Hash>) -> bool {
         let ok = outcome == AckOutcome::Applied;
@@ -2122,6 +2241,7 @@ impl Inner {
             return;
         }
         let synced = syncfs(self.root());
+        let applying = self.apply_lock.lock();
         let mut outcomes = Vec::with_capacity(batch.len());
         for pd in batch.drain(..) {
             let seq = pd.seq;
@@ -2141,6 +2261,7 @@ impl Inner {
             };
             outcomes.push((seq, outcome, holds));
         }
+        drop(applying);
         if synced && !syncfs(self.root()) {
             tracing::warn!("replication: the renames of a batch may not be durable yet");
         }
@@ -2157,12 +2278,16 @@ impl Inner {
             name,
             theirs,
             ours,
+            seen,
             tmp,
             tmp_name,
             guard,
             manifest,
             ..
         } = pd;
+        if let Some(refusal) = self.replaceable(dir.as_fd(), &name, &path, seen) {
+            return Ok(refusal);
+        }
         renameat(dir.as_fd(), &tmp_name, dir.as_fd(), &name)?;
         std::mem::forget(guard);
         if sync_dir {
@@ -2284,16 +2409,13 @@ impl Inner {
         ours: Option<&EntryState>,
         unrecorded: bool,
         theirs: &EntryState,
-        base: Option<&Hash>,
     ) -> Decision {
         let Some(o) = ours.filter(|_| unrecorded) else {
-            return crate::catalog::decide(ours, theirs, base);
+            return crate::catalog::decide(ours, theirs);
         };
         if crate::catalog::same_content(o, theirs) {
             Decision::Same
-        } else if o.kind == Kind::File
-            && (base == Some(&o.hash) || theirs.ver.history.contains(&o.hash))
-        {
+        } else if o.kind == Kind::File && theirs.ver.history.contains(&o.hash) {
             Decision::Apply
         } else if crate::catalog::theirs_wins(o, theirs) {
             Decision::OursLoses
@@ -2338,7 +2460,7 @@ impl Inner {
         };
         let (ours, unrecorded) = self.ours_view(&path, dir.as_fd(), &name, have_hash);
         let decision = if versioned {
-            self.decide_incoming(ours.as_ref(), unrecorded, &theirs, base.as_ref())
+            self.decide_incoming(ours.as_ref(), unrecorded, &theirs)
         } else if have_hash == Some(content_hash) {
             Decision::Same
         } else if have_hash.is_none() || (base.is_some() && base == have_hash) {
@@ -2347,6 +2469,7 @@ impl Inner {
         } else {
             Decision::TheirsLoses
         };
+        tracing::debug!(me = %self.cfg.me_name, peer = %p.name, path = %path, ?decision, unrecorded, base = ?base.map(|b| b[0]), have = ?have_hash.map(|h| h[0]), theirs = ?content_hash[0], "replication: incoming version");
         // Metadata only until a mode is chosen below; the receiver's file is the base.
         let mut t = Transfer {
             seq,
@@ -2368,9 +2491,13 @@ impl Inner {
             discard: false,
             theirs,
             ours,
+            seen: None,
             failed: None,
             journal: None,
         };
+        t.seen = lstat_at(t.dir.as_fd(), &t.name)
+            .ok()
+            .map(|st| stamp_of(&st));
         match decision {
             Decision::Same if have_hash == Some(content_hash) => return Ok(t),
             Decision::Same | Decision::Stale => {
@@ -2516,6 +2643,7 @@ impl Inner {
         let r = (|| -> io::Result<AckOutcome> {
             if t.discard {
                 if t.decision == Decision::Same {
+                    let _applying = self.apply_lock.lock();
                     self.merge_same(&t)?;
                 } else {
                     tracing::debug!(path = %t.path, peer = %p.name, "replication: an older version; ours is newer and goes back");
@@ -2528,6 +2656,7 @@ impl Inner {
             }
             let Some((tmp, tmp_name)) = t.tmp.take() else {
                 // Metadata only: the content is already here.
+                let _applying = self.apply_lock.lock();
                 self.merge_same(&t)?;
                 if let Some((file, m)) = &t.base {
                     self.note_received(p, &t.path, m, file)?;
@@ -2571,6 +2700,7 @@ impl Inner {
                     theirs: t.theirs.clone(),
                     ours: t.ours.clone(),
                     content_hash: t.content_hash,
+                    seen: t.seen,
                     tmp,
                     tmp_name,
                     guard,
@@ -2579,6 +2709,7 @@ impl Inner {
                 return Ok(AckOutcome::Applied);
             }
             tmp.sync_all()?;
+            let _applying = self.apply_lock.lock();
             let sibling = |n: &CStr| -> io::Result<RelPath> {
                 match t.path.split_last() {
                     Some((parent, _)) => {
@@ -2617,7 +2748,9 @@ impl Inner {
                         None,
                         Some(stamp_of(&fstat(&file)?)),
                     )?;
-                    self.merge_seen(t.path.as_bytes(), &t.theirs.ver.vv)?;
+                    // The name keeps our version as it was: merging the loser's vector into it
+                    // would make it look like a descendant of the loser, and a peer holding
+                    // the loser at the name would then replace it without keeping a copy.
                     self.note_conflict(&t.path, &copy_path, &t.theirs.ver);
                     if let Some(a) = applied {
                         a.changed(&copy_path);
@@ -2628,6 +2761,10 @@ impl Inner {
                 Decision::OursLoses => {
                     // Theirs takes the name; ours moves to the conflict copy, atomically for
                     // readers (the name is never missing).
+                    if let Some(refusal) = self.replaceable(t.dir.as_fd(), &t.name, &t.path, t.seen)
+                    {
+                        return Ok(refusal);
+                    }
                     let ours = t
                         .ours
                         .clone()
@@ -2665,10 +2802,11 @@ impl Inner {
                         0,
                     )?);
                     self.note_received(p, &t.path, &m, &file)?;
+                    // The winner's version as it is (see TheirsLoses): ours lives on in the copy.
                     self.record_remote(
                         t.path.as_bytes(),
                         t.theirs.clone(),
-                        t.ours.as_ref(),
+                        None,
                         Some(stamp_of(&fstat(&file)?)),
                     )?;
                     if let Some(a) = applied {
@@ -2689,6 +2827,9 @@ impl Inner {
                     return Ok(AckOutcome::Applied);
                 }
                 _ => {}
+            }
+            if let Some(refusal) = self.replaceable(t.dir.as_fd(), &t.name, &t.path, t.seen) {
+                return Ok(refusal);
             }
             let target_name = t.name.clone();
             let target_path = t.path.clone();
@@ -2776,16 +2917,18 @@ impl Inner {
             return Err(ioerr("a patch without a base"));
         };
         let ino = fstat(base)?.st_ino;
+        let _applying = self.apply_lock.lock();
         let target = File::from(openat2_beneath(
             t.dir.as_fd(),
             &t.name,
             libc::O_WRONLY | libc::O_NOFOLLOW,
             0,
         )?);
-        if fstat(&target)?.st_ino != ino {
+        let st = fstat(&target)?;
+        if st.st_ino != ino || Some(stamp_of(&st)) != t.seen {
             journal.discard();
             return Ok(AckOutcome::Failed {
-                error: "the file was replaced during the transfer".into(),
+                error: "the file was replaced or changed during the transfer".into(),
                 retry: true,
             });
         }
@@ -2814,6 +2957,12 @@ impl Inner {
                 t.ours.as_ref(),
                 Some(stamp_of(&fstat(base)?)),
             )?;
+        } else if applied.as_ref().is_some_and(|a| a.writing(&t.path)) {
+            journal.discard();
+            return Ok(AckOutcome::Failed {
+                error: format!("{} is open for writing here", t.path),
+                retry: true,
+            });
         } else {
             // Someone has the file open: rebuild beside it from the base plus the journal,
             // and rename, so readers keep the old version.
@@ -2896,7 +3045,10 @@ impl Inner {
             },
             None => None,
         };
-        let r = self.apply_op_io(p, &op, ver.as_ref());
+        let r = {
+            let _applying = self.apply_lock.lock();
+            self.apply_op_io(p, &op, ver.as_ref())
+        };
         match r {
             Ok(o) => o,
             Err(e) => {
@@ -2955,12 +3107,37 @@ impl Inner {
         Ok(copy_path)
     }
 
+    /// Whether the file at `path` differs from what the index recorded of it (a local change
+    /// not reported yet: a writer is at work).
+    fn unrecorded(&self, path: &[u8], e: &crate::store::CatEntry) -> bool {
+        if e.state.kind != Kind::File {
+            return false;
+        }
+        let Some(rel) = path_of_bytes(path) else {
+            return false;
+        };
+        match self.existing(&rel) {
+            Ok(Some((dir, name, st))) if e.stamp.is_some_and(|s| s != stamp_of(&st)) => {
+                // The stamp moved: only a different content counts.
+                openat2_beneath(
+                    dir.as_fd(),
+                    &name,
+                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
+                    0,
+                )
+                .ok()
+                .and_then(|fd| Manifest::from_reader(io::BufReader::new(File::from(fd))).ok())
+                .is_none_or(|m| *m.content_hash() != e.state.hash)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether our entry at `path` holds a version the incoming `ver` does not know.
     fn unknown_to(&self, path: &RelPath, ver: Option<&Version>) -> bool {
         let Some(v) = ver else { return false };
-        self.entry(path.as_bytes()).is_some_and(|e| {
-            e.state.kind != Kind::Gone && !crate::catalog::dominated(&e.state.ver.vv, &v.vv)
-        })
+        self.entry(path.as_bytes())
+            .is_some_and(|e| crate::catalog::unknown_to(&e.state, v))
     }
 
     fn apply_op_io(&self, p: &Peer, op: &NsOp, ver: Option<&Version>) -> io::Result<AckOutcome> {
@@ -2988,9 +3165,10 @@ impl Inner {
                 let kept: Vec<Vec<u8>> = match ver {
                     Some(v) => sub
                         .iter()
-                        .filter(|(_, e)| {
+                        .filter(|(sp, e)| {
                             matches!(e.state.kind, Kind::File | Kind::Symlink)
-                                && !crate::catalog::dominated(&e.state.ver.vv, &v.vv)
+                                && (crate::catalog::unknown_to(&e.state, v)
+                                    || self.unrecorded(sp, e))
                         })
                         .map(|(p, _)| p.clone())
                         .collect(),
@@ -3152,7 +3330,7 @@ impl Inner {
                     }
                 }
                 let decision = if ver.is_some() {
-                    self.decide_incoming(ours.as_ref(), unrecorded, &theirs, None)
+                    self.decide_incoming(ours.as_ref(), unrecorded, &theirs)
                 } else {
                     Decision::Apply
                 };
@@ -3209,14 +3387,13 @@ impl Inner {
                     let _ = apply_meta(fd.as_fd(), meta, self.cfg.owners, true);
                 }
                 let _ = self.store.ensure_file_id(&pb(&at));
-                let merge_with = if at == *path { ours.as_ref() } else { None };
+                // A conflict's winner keeps its version unmerged (see content transfers).
+                let merge_with = if at == *path && decision == Decision::Apply {
+                    ours.as_ref()
+                } else {
+                    None
+                };
                 self.record_remote(at.as_bytes(), theirs, merge_with, None)?;
-                if at != *path {
-                    self.merge_seen(
-                        path.as_bytes(),
-                        &ver.map(|v| v.vv.clone()).unwrap_or_default(),
-                    )?;
-                }
                 if let Some(a) = applied {
                     a.changed(&at);
                 }
@@ -3511,6 +3688,7 @@ struct Pending {
     theirs: EntryState,
     ours: Option<EntryState>,
     content_hash: Hash,
+    seen: Option<ScanStamp>,
     tmp: File,
     tmp_name: CString,
     guard: TmpName,

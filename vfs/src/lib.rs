@@ -634,6 +634,24 @@ impl Vfs {
         inv.inode(pnode);
     }
 
+    /// Whether a handle of the drive has the file at `path` open for writing (a peer's version
+    /// must not replace it under its writer).
+    pub fn remote_writing(&self, path: &RelPath) -> bool {
+        let Some((parent, name)) = path.split_last() else {
+            return false;
+        };
+        let Some(node) = self
+            .known_dir(&parent)
+            .and_then(|p| self.nodes.read().child(p, name))
+        else {
+            return false;
+        };
+        self.files
+            .read()
+            .values()
+            .any(|h| h.node == node && h.writes)
+    }
+
     /// A peer's update wants to patch the file `ino` (at `path`) in place: granted when no
     /// handle of the drive has it open; new opens then wait until [`Vfs::remote_ungate`].
     pub fn remote_gate(&self, _path: &RelPath, ino: u64) -> bool {

@@ -35,6 +35,8 @@ use crate::store::CatEntry;
 /// Comparison rounds per connection that may queue something before giving up (a path that
 /// keeps differing is reported instead of looping).
 const MAX_ROUNDS: u64 = 8;
+/// A round counts as over when no message of it arrived for this long.
+const ROUND_QUIET: Duration = Duration::from_millis(300);
 /// Conflicts kept for `status`.
 const MAX_CONFLICT_NOTES: usize = 100;
 
@@ -51,6 +53,8 @@ pub struct ConflictNote {
 /// What the start scan found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ScanReport {
+    /// False while the scan runs (peers are compared only after it).
+    pub done: bool,
     pub files: u64,
     pub changed: u64,
     pub removed: u64,
@@ -84,6 +88,9 @@ pub(super) struct Shared {
 pub(super) struct PeerRecon {
     /// Send a summary once the queue to this peer is empty.
     want_summary: bool,
+    /// After a round: send a summary once the round has been quiet until then (the trees
+    /// may agree now without either side having queued anything).
+    summary_due: Option<Instant>,
     comparing: bool,
     in_sync: bool,
     rounds: u64,
@@ -122,12 +129,30 @@ impl Inner {
     pub(super) fn maybe_summary(&self, p: &Peer) {
         {
             let mut st = p.state.lock();
-            if !st.connected || !st.inflight.is_empty() || !st.recon.want_summary {
+            let due = st.recon.summary_due.is_some_and(|d| Instant::now() >= d);
+            if !st.connected || !st.inflight.is_empty() || !(st.recon.want_summary || due) {
                 return;
             }
             st.recon.want_summary = false;
+            st.recon.summary_due = None;
         }
         self.send_summary(p, false);
+    }
+
+    /// How long an idle sender may sleep before a due summary.
+    pub(super) fn idle_wait(st: &PeerState) -> Duration {
+        match st.recon.summary_due {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(5), Duration::from_secs(1)),
+            None => Duration::from_secs(1),
+        }
+    }
+
+    /// A round's message was handled: compare again once things are quiet.
+    fn round_activity(&self, p: &Peer) {
+        p.state.lock().recon.summary_due = Some(Instant::now() + ROUND_QUIET);
+        p.wake.notify_all();
     }
 
     fn send_summary(&self, p: &Peer, reply: bool) {
@@ -168,7 +193,9 @@ impl Inner {
             .content_bytes_received
             .load(Ordering::Relaxed)
             .saturating_sub(r.recv_bytes_base);
-        let state = if !st.connected {
+        let state = if self.scanning.load(Ordering::SeqCst) {
+            "scanning"
+        } else if !st.connected {
             "offline"
         } else if queue > 0 {
             "syncing"
@@ -574,6 +601,7 @@ impl Inner {
         }
         self.send_haves(p, haves)?;
         let _ = i;
+        self.round_activity(p);
         Ok(())
     }
 
@@ -643,6 +671,7 @@ impl Inner {
             bytes += b;
         }
         self.send_haves(p, reply)?;
+        self.round_activity(p);
         if files > 0 {
             self.store.flush().map_err(ioerr)?;
             let (ft, bt) = {
@@ -695,7 +724,7 @@ impl Inner {
             return Ok((0, 0));
         }
         // Would the peer take ours? (Its view: its state is "ours", ours is "theirs".)
-        match decide(Some(t), &ours.state, None) {
+        match decide(Some(t), &ours.state) {
             Decision::Apply | Decision::OursLoses | Decision::TheirsLoses => {
                 let whole = t.kind != Kind::Dir;
                 self.push_entry(i, path, ours, whole)
@@ -796,6 +825,10 @@ impl Inner {
             }
         }
         for (p, e) in gone_paths {
+            // Created through the drive while the scan ran (after it passed that folder).
+            if path_of_bytes(&p).is_some_and(|r| self.existing(&r).ok().flatten().is_some()) {
+                continue;
+            }
             let r = self.store.next_clock().map_err(ioerr).and_then(|clock| {
                 let mut v = e.state.ver.clone();
                 v.vv = crate::catalog::bump(&v.vv, self.cfg.me, clock);
@@ -822,6 +855,7 @@ impl Inner {
             tracing::warn!("start scan: cannot flush the index: {e}");
         }
         report.ms = started.elapsed().as_millis() as u64;
+        report.done = true;
         tracing::info!(
             files = report.files,
             changed = report.changed,

@@ -117,6 +117,7 @@ impl Inner {
             }
         }
         let ver = self.new_version(old.as_ref().map(|o| &o.state), &hash, time)?;
+        tracing::debug!(me = %self.cfg.me_name, path = %String::from_utf8_lossy(path), ?kind, hash = hash[0], "index: a new local version");
         let mut items = vec![(
             path.to_vec(),
             Some(CatEntry {
@@ -222,12 +223,20 @@ impl Inner {
         for (_, e) in &sub {
             all = merge(&all, &e.state.ver.vv);
         }
+        // The contents removed, so a peer whose vector for them differs (its copy arrived by
+        // another way) still sees that this removal knew them.
+        let mut history = Vec::new();
+        for (_, e) in &sub {
+            if matches!(e.state.kind, Kind::File | Kind::Symlink) {
+                history = push_history(&history, e.state.hash);
+            }
+        }
         let ver = Version {
             vv: bump(&all, self.cfg.me, clock),
             origin: self.cfg.me,
             origin_name: self.cfg.me_name.clone(),
             time: now_secs(),
-            history: Vec::new(),
+            history,
             mclock: clock,
             mpeer: self.cfg.me,
         };
@@ -302,7 +311,13 @@ impl Inner {
             origin: self.cfg.me,
             origin_name: self.cfg.me_name.clone(),
             time: now_secs(),
-            history: top.state.ver.history.clone(),
+            // The content renamed, as its own ancestor: a peer whose vector for it differs
+            // still sees that the rename knew it.
+            history: if matches!(top.state.kind, Kind::File | Kind::Symlink) {
+                push_history(&top.state.ver.history, top.state.hash)
+            } else {
+                top.state.ver.history.clone()
+            },
             mclock: top.state.ver.mclock,
             mpeer: top.state.ver.mpeer,
         };
