@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::mount::{DriveOptions, Mount, peerfs_bin};
+use crate::tree::Kind;
 
 /// How long all peers may take to connect to each other after they started.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,6 +52,14 @@ pub struct PeersOptions {
     pub files: Vec<(String, Vec<u8>)>,
     /// `(peer index, how it is mis-known)`: these peers never connect to anyone.
     pub outsiders: Vec<(usize, Outsider)>,
+    /// Which pairs of peers list each other in their configs (unordered pairs of indices);
+    /// `None` is the full mesh. Peers of no listed pair list nobody. [`Peers::wait_connected`]
+    /// waits only for listed pairs.
+    pub links: Option<Vec<(usize, usize)>>,
+    /// `(peer index, name, content)`: written into that one peer's backing folder before its
+    /// first start (unlike [`PeersOptions::files`], which every peer gets), for trees that
+    /// never met.
+    pub seeds: Vec<(usize, String, Vec<u8>)>,
 }
 
 impl Default for PeersOptions {
@@ -65,6 +74,8 @@ impl Default for PeersOptions {
             drive: DriveOptions::default(),
             files: Vec::new(),
             outsiders: Vec::new(),
+            links: None,
+            seeds: Vec::new(),
         }
     }
 }
@@ -73,6 +84,19 @@ impl PeersOptions {
     /// Adds a file that every peer's backing folder has before the drives start.
     pub fn file(mut self, name: &str, content: &[u8]) -> PeersOptions {
         self.files.push((name.to_string(), content.to_vec()));
+        self
+    }
+
+    /// Adds a file that only peer `peer`'s backing folder has before its first start (parent
+    /// folders are created as needed).
+    pub fn seed(mut self, peer: usize, name: &str, content: &[u8]) -> PeersOptions {
+        self.seeds.push((peer, name.to_string(), content.to_vec()));
+        self
+    }
+
+    /// Only these pairs of peers list each other (see [`PeersOptions::links`]).
+    pub fn links(mut self, pairs: &[(usize, usize)]) -> PeersOptions {
+        self.links = Some(pairs.to_vec());
         self
     }
 
@@ -284,6 +308,11 @@ pub struct Peers {
     /// Whether each peer's daemon was started and not stopped or killed since.
     running: Vec<bool>,
     opts: PeersOptions,
+    /// Which pairs list each other now (`None`: full mesh); starts as `opts.links`, changed by
+    /// [`Peers::set_links`].
+    links: Option<Vec<(usize, usize)>>,
+    /// The identities the others wrongly believe a [`Outsider::WrongId`] outsider has.
+    wrong_ids: Vec<(usize, String)>,
 }
 
 impl Peers {
@@ -301,7 +330,12 @@ impl Peers {
             let name = Peers::default_name(i);
             let mount = Mount::prepare(&format!("peerfs-{name}-"), &opts.drive);
             let id = init_identity(mount.state(), &name);
-            for (file, content) in &opts.files {
+            let own = opts
+                .seeds
+                .iter()
+                .filter(|(j, _, _)| *j == i)
+                .map(|(_, f, c)| (f, c));
+            for (file, content) in opts.files.iter().map(|(f, c)| (f, c)).chain(own) {
                 let p = mount.backing().join(file);
                 if let Some(dir) = p.parent() {
                     std::fs::create_dir_all(dir).expect("create seed folder");
@@ -326,15 +360,20 @@ impl Peers {
                 wrong_ids.push((i, id));
             }
         }
+        for &(i, _, _) in &opts.seeds {
+            assert!(i < n, "seed for peer {i} out of range");
+        }
+        for &(i, j) in opts.links.iter().flatten() {
+            assert!(i < n && j < n && i != j, "bad link ({i}, {j})");
+        }
         let mut me = Peers {
             running: vec![false; n],
             peers,
+            links: opts.links.clone(),
             opts,
+            wrong_ids,
         };
-        for i in 0..n {
-            let text = me.config_extra(i, &wrong_ids);
-            me.peers[i].mount.write_config(&me.peers[i].name, &text);
-        }
+        me.write_configs();
         for i in 0..n {
             me.peers[i].mount.launch();
             me.running[i] = true;
@@ -348,12 +387,30 @@ impl Peers {
         format!("peer-{}", (b'a' + i as u8) as char)
     }
 
+    /// Whether peers `i` and `j` list each other (always, without [`PeersOptions::links`]).
+    pub fn linked(&self, i: usize, j: usize) -> bool {
+        i != j
+            && self.links.as_ref().is_none_or(|pairs| {
+                pairs
+                    .iter()
+                    .any(|&(a, b)| (a, b) == (i, j) || (a, b) == (j, i))
+            })
+    }
+
+    /// (Re)writes every peer's config from the options and the current links.
+    fn write_configs(&self) {
+        for i in 0..self.len() {
+            let text = self.config_extra(i, &self.wrong_ids);
+            self.peers[i].mount.write_config(&self.peers[i].name, &text);
+        }
+    }
+
     fn config_extra(&self, i: usize, wrong_ids: &[(usize, String)]) -> String {
         let o = &self.opts;
         let mut t = String::new();
         let _ = writeln!(t, "listen = \"127.0.0.1:{}\"", self.peers[i].port);
         for (j, p) in self.peers.iter().enumerate() {
-            if j == i {
+            if j == i || !self.linked(i, j) {
                 continue;
             }
             // Outsiders list everyone correctly; the others do not list an unlisted outsider
@@ -583,7 +640,8 @@ impl Peers {
     }
 
     /// Waits (at most [`CONNECT_TIMEOUT`]) until every running peer that is not an outsider
-    /// reports every other running non-outsider connected.
+    /// reports every other running non-outsider it is linked to (see [`PeersOptions::links`])
+    /// connected.
     #[track_caller]
     pub fn wait_connected(&self) {
         let insiders: Vec<usize> = (0..self.len())
@@ -598,7 +656,7 @@ impl Peers {
                 for &i in &insiders {
                     let states = this.peer_states(i)?;
                     for &j in &insiders {
-                        if i == j {
+                        if !this.linked(i, j) {
                             continue;
                         }
                         let s = states.iter().find(|s| s.name == this.peers[j].name);
@@ -642,6 +700,157 @@ impl Peers {
         self.wait_connected();
     }
 
+    /// Starts peer `i`'s daemon (again) with its current config and returns once its drive is
+    /// mounted, without waiting for any connection (a peer that starts alone, or several
+    /// started before one [`Peers::wait_connected`]).
+    pub fn launch(&mut self, i: usize) {
+        self.peers[i].mount.launch();
+        self.running[i] = true;
+    }
+
+    /// The indices of the running peers.
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.len()).filter(|&i| self.running[i]).collect()
+    }
+
+    /// Which pairs list each other now (`None`: the full mesh).
+    pub fn links(&self) -> Option<&[(usize, usize)]> {
+        self.links.as_deref()
+    }
+
+    /// Rewrites every peer's config so that exactly `links` list each other (`None`: full
+    /// mesh). Running daemons are not touched: each reads its new peer list at its next start.
+    pub fn set_links(&mut self, links: Option<Vec<(usize, usize)>>) {
+        for &(i, j) in links.iter().flatten() {
+            assert!(
+                i < self.len() && j < self.len() && i != j,
+                "bad link ({i}, {j})"
+            );
+        }
+        self.links = links;
+        self.write_configs();
+    }
+
+    /// [`Peers::set_links`], then restarts every running peer (SIGTERM, start) so it reads its
+    /// new peer list, and waits until the linked running peers are connected.
+    pub fn relink(&mut self, links: Option<Vec<(usize, usize)>>) {
+        self.set_links(links);
+        let running = self.running();
+        for &i in &running {
+            self.stop(i);
+        }
+        for &i in &running {
+            self.launch(i);
+        }
+        self.wait_connected();
+    }
+
+    /// The `"sync"` object of peer `j` in peer `i`'s `peerfs status --json`.
+    pub fn sync_state(&self, i: usize, j: usize) -> Result<serde_json::Value, String> {
+        let st = self.status(i)?;
+        let name = self.name(j);
+        let peers = st
+            .get("peers")
+            .and_then(|p| p.as_array())
+            .ok_or_else(|| format!("status of {} has no \"peers\" array: {st}", self.name(i)))?;
+        let entry = peers
+            .iter()
+            .find(|p| p.get("name").and_then(|n| n.as_str()) == Some(name))
+            .ok_or_else(|| format!("status of {} does not list {name}: {st}", self.name(i)))?;
+        match entry.get("sync") {
+            Some(s) if s.is_object() => Ok(s.clone()),
+            _ => Err(format!(
+                "{}'s status entry for {name} has no \"sync\" object: {entry}",
+                self.name(i)
+            )),
+        }
+    }
+
+    /// The top-level `"reconcile"` object of peer `i`'s `peerfs status --json`.
+    pub fn reconcile_state(&self, i: usize) -> Result<serde_json::Value, String> {
+        let st = self.status(i)?;
+        match st.get("reconcile") {
+            Some(r) if r.is_object() => Ok(r.clone()),
+            _ => Err(format!(
+                "status of {} has no \"reconcile\" object: {st}",
+                self.name(i)
+            )),
+        }
+    }
+
+    /// Snapshot of peer `i`'s backing folder (see [`backing_tree`]).
+    pub fn backing_tree(&self, i: usize) -> std::io::Result<Tree> {
+        backing_tree(self.peers[i].mount.backing())
+    }
+
+    /// Polls (every 100 ms, at most `timeout`) until the backing trees of `peers` are all
+    /// equal, and still the same tree on the next poll at least 300 ms later (a tree that is
+    /// equal only in passing is not converged); returns that tree. `Err` describes the last
+    /// difference (a diff of the trees) and carries every peer's log.
+    pub fn poll_trees_equal(&self, peers: &[usize], timeout: Duration) -> Result<Tree, String> {
+        assert!(!peers.is_empty(), "no peers to compare");
+        let start = Instant::now();
+        let mut stable: Option<(Tree, Instant)> = None;
+        let mut tries = 0u64;
+        loop {
+            tries += 1;
+            let last = match self.compare_trees(peers) {
+                Ok(tree) => {
+                    match &stable {
+                        Some((prev, since)) if *prev == tree => {
+                            if since.elapsed() >= Duration::from_millis(300) {
+                                return Ok(tree);
+                            }
+                        }
+                        _ => stable = Some((tree, Instant::now())),
+                    }
+                    "equal trees, but still changing".to_string()
+                }
+                Err(diff) => {
+                    stable = None;
+                    diff
+                }
+            };
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "timed out after {:?} ({tries} tries) waiting until the backing trees of {} \
+                     are equal; last difference:\n{last}\n{}",
+                    start.elapsed(),
+                    peers
+                        .iter()
+                        .map(|&i| self.name(i))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    self.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// [`Peers::poll_trees_equal`] that panics on timeout with the diff and every log.
+    #[track_caller]
+    pub fn wait_trees_equal(&self, peers: &[usize], timeout: Duration) -> Tree {
+        self.poll_trees_equal(peers, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The common tree of `peers` now (one look, no waiting), or a readable diff of their
+    /// trees.
+    pub fn compare_trees(&self, peers: &[usize]) -> Result<Tree, String> {
+        let mut trees = Vec::new();
+        for &i in peers {
+            match self.backing_tree(i) {
+                Ok(t) => trees.push((self.name(i).to_string(), t)),
+                Err(e) => return Err(format!("cannot snapshot {}'s backing: {e}", self.name(i))),
+            }
+        }
+        if trees.windows(2).all(|w| w[0].1 == w[1].1) {
+            return Ok(trees.swap_remove(0).1);
+        }
+        Err(trees_diff(&trees))
+    }
+
     /// Every peer's recent output, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -656,4 +865,128 @@ impl Peers {
         }
         s
     }
+}
+
+/// What a backing-tree snapshot records of one name: what every peer's copy must agree on
+/// after reconciliation.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    /// `st_mode & 0o7777`.
+    pub mode: u32,
+    /// A file's content, a symlink's target, nothing for a folder.
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {:o}", self.kind, self.mode)?;
+        match self.kind {
+            Kind::Dir => Ok(()),
+            Kind::Symlink => write!(f, " -> {}", show_bytes(&self.data)),
+            _ => write!(f, " {} bytes {}", self.data.len(), show_bytes(&self.data)),
+        }
+    }
+}
+
+/// Relative path (no leading `/`, `/`-separated) to [`Entry`]; the root is not included.
+pub type Tree = std::collections::BTreeMap<String, Entry>;
+
+/// peerfs's own hidden names in a backing folder (intermediate files): never compared.
+pub const RESERVED_PREFIX: &str = ".peerfs-tmp-";
+
+/// At most 60 bytes of `b`, quoted, lossy UTF-8.
+fn show_bytes(b: &[u8]) -> String {
+    let cut = b.len().min(60);
+    let more = if b.len() > cut { "..." } else { "" };
+    format!("{:?}{more}", String::from_utf8_lossy(&b[..cut]))
+}
+
+/// Snapshots the tree under `root` (a backing folder): every name below it with its kind,
+/// permission bits and content or symlink target; names starting with [`RESERVED_PREFIX`]
+/// (and what is below them) are skipped. Symlinks are not followed.
+pub fn backing_tree(root: &Path) -> std::io::Result<Tree> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    fn walk(root: &Path, dir: &Path, out: &mut Tree) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_name()
+                .as_bytes()
+                .starts_with(RESERVED_PREFIX.as_bytes())
+            {
+                continue;
+            }
+            let path = e.path();
+            let md = std::fs::symlink_metadata(&path)?;
+            let kind = Kind::of(md.file_type());
+            let data = match kind {
+                Kind::File => std::fs::read(&path)?,
+                Kind::Symlink => std::fs::read_link(&path)?.as_os_str().as_bytes().to_vec(),
+                _ => Vec::new(),
+            };
+            let rel = path
+                .strip_prefix(root)
+                .map(|r| String::from_utf8_lossy(r.as_os_str().as_bytes()).into_owned())
+                .unwrap_or_default();
+            out.insert(
+                rel,
+                Entry {
+                    kind,
+                    mode: md.mode() & 0o7777,
+                    data,
+                },
+            );
+            if kind == Kind::Dir {
+                walk(root, &path, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = Tree::new();
+    walk(root, root, &mut out)?;
+    Ok(out)
+}
+
+/// A readable diff of named trees: one line per path on which they do not all agree, with
+/// what each one has there.
+pub fn trees_diff(trees: &[(String, Tree)]) -> String {
+    let mut paths: Vec<&String> = trees.iter().flat_map(|(_, t)| t.keys()).collect();
+    paths.sort();
+    paths.dedup();
+    let mut s = String::new();
+    let mut shown = 0;
+    let mut differing = 0;
+    for path in paths {
+        let seen: Vec<Option<&Entry>> = trees.iter().map(|(_, t)| t.get(path)).collect();
+        if seen.windows(2).all(|w| w[0] == w[1]) {
+            continue;
+        }
+        differing += 1;
+        if shown == 200 {
+            continue;
+        }
+        shown += 1;
+        let _ = write!(s, "  {path}:");
+        for ((name, _), e) in trees.iter().zip(&seen) {
+            match e {
+                Some(e) => {
+                    let _ = write!(s, "  [{name}: {e:?}]");
+                }
+                None => {
+                    let _ = write!(s, "  [{name}: missing]");
+                }
+            }
+        }
+        s.push('\n');
+    }
+    if differing > shown {
+        let _ = writeln!(s, "  ... and {} more differing names", differing - shown);
+    }
+    let counts: Vec<String> = trees
+        .iter()
+        .map(|(n, t)| format!("{n}: {} names", t.len()))
+        .collect();
+    let _ = writeln!(s, "  ({})", counts.join(", "));
+    s
 }
