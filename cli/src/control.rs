@@ -142,6 +142,10 @@ pub struct Status {
     /// empty for a drive without peers.
     #[serde(default)]
     pub peers: Vec<serde_json::Value>,
+    /// Reconciliation: `{"scan": {"files","changed","removed","ms"}, "conflicts": [...]}`;
+    /// null for a drive without peers (or an older daemon).
+    #[serde(default)]
+    pub reconcile: serde_json::Value,
 }
 
 /// The `[drive]` settings the daemon runs with.
@@ -194,6 +198,8 @@ pub struct Sources {
     pub peers: Option<Source>,
     /// The locks this server holds and knows of (an array); None without networking.
     pub locks: Option<Source>,
+    /// The start scan's report and the conflict copies made here; None without networking.
+    pub reconcile: Option<Source>,
     /// `trash-restore`; None: the daemon answers that it cannot restore.
     pub trash_restore: Option<TrashRestore>,
 }
@@ -326,6 +332,10 @@ fn status_of(info: &DaemonInfo, sources: &Sources) -> Status {
             .as_ref()
             .and_then(|f| f().as_array().cloned())
             .unwrap_or_default(),
+        reconcile: sources
+            .reconcile
+            .as_ref()
+            .map_or(serde_json::Value::Null, |f| f()),
     }
 }
 
@@ -425,6 +435,7 @@ mod tests {
             stats: Arc::new(|| serde_json::json!({"lookups": 3, "reads": 1})),
             peers: None,
             locks: Some(Arc::new(|| serde_json::json!([{"path": "a.docx"}]))),
+            reconcile: None,
             trash_restore: None,
         }
     }

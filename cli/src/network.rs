@@ -32,6 +32,7 @@ pub struct Network {
     trash: Arc<Trash>,
     root: Arc<std::os::fd::OwnedFd>,
     names: Arc<HashMap<PeerId, String>>,
+    router: Arc<std::sync::Mutex<Router>>,
     me: PeerId,
 }
 
@@ -96,17 +97,21 @@ impl Network {
             Trash::open(&cfg.state)
                 .with_context(|| format!("cannot open the trash in {}", cfg.state.display()))?,
         );
+        let excludes = peerfs_vfs::exclude::Excludes::new(&cfg.files.exclude, &cfg.files.include)
+            .map_err(|e| anyhow!("files: {e}"))?;
         let repl_cfg = engine::Config {
             backing: cfg.backing.clone(),
             state: cfg.state.clone(),
             me,
+            me_name: cfg.name.clone(),
+            filter: Some(Arc::new(move |p: &RelPath| !excludes.is_excluded(p))),
             peers: cfg.peers.iter().map(|p| (p.id, p.name.clone())).collect(),
             owners: cfg.replication.owners,
             window: 16 * 1024 * 1024,
             hold_removes: cfg.locks.linger + Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
         };
-        let (mesh, locks, repl) = runtime.block_on(async {
+        let (mesh, locks, repl, router) = runtime.block_on(async {
             let (mesh, mut events) =
                 Mesh::start(mesh_cfg)
                     .await
@@ -133,11 +138,32 @@ impl Network {
                 trash_fn,
             )
             .context("cannot start the replicator")?;
-            // lockd → peers. Lock traffic is Control: it never waits behind bulk data.
+            // lockd → peers. Lock traffic is Control: it never waits behind bulk data. A peer
+            // reachable only through another one (a relay) gets it wrapped in `Routed`.
+            let router_out = Arc::new(std::sync::Mutex::new(Router::new(me)));
+            let router = Arc::clone(&router_out);
             let sender = mesh.clone();
+            let out_router = Arc::clone(&router);
             tokio::spawn(async move {
                 while let Some((peer, msg)) = out_rx.recv().await {
-                    if let Err(e) = sender.send(peer, Message::Lock(msg), Priority::Control) {
+                    let via = out_router
+                        .lock()
+                        .map(|r| r.via(peer))
+                        .unwrap_or(None);
+                    let r = match via {
+                        Some(via) => sender.send(
+                            via,
+                            Message::Routed {
+                                from: me,
+                                to: peer,
+                                hops: 1,
+                                lock: Box::new(msg),
+                            },
+                            Priority::Control,
+                        ),
+                        None => sender.send(peer, Message::Lock(msg), Priority::Control),
+                    };
+                    if let Err(e) = r {
                         tracing::debug!(peer = %peer.short(), "lock message not sent: {e}");
                     }
                 }
@@ -146,19 +172,67 @@ impl Network {
             let svc = Arc::clone(&locks);
             let peer_names = Arc::clone(&names);
             let rp = repl.clone();
+            let relay = mesh.clone();
             tokio::spawn(async move {
+                // Tells every directly connected peer whom we are connected to.
+                let announce = |r: &Router| {
+                    let peers: Vec<(PeerId, String)> = r
+                        .direct()
+                        .into_iter()
+                        .map(|p| (p, peer_names.get(&p).cloned().unwrap_or_default()))
+                        .collect();
+                    for p in r.direct() {
+                        let _ = relay.send(
+                            p,
+                            Message::Neighbors {
+                                peers: peers.clone(),
+                            },
+                            Priority::Control,
+                        );
+                    }
+                };
+                // Routed peers that appeared or went away: lockd treats them as (dis)connected.
+                let apply = |changes: (Vec<PeerId>, Vec<PeerId>)| {
+                    for p in changes.1 {
+                        tracing::info!(id = %p, "peer no longer reachable through a relay");
+                        svc.peer_disconnected(p);
+                    }
+                    for p in changes.0 {
+                        tracing::info!(id = %p, "peer reachable through a relay");
+                        svc.peer_connected(p);
+                    }
+                };
                 while let Some(ev) = events.recv().await {
                     match ev {
                         MeshEvent::Connected { peer, name } => {
                             tracing::info!(peer = %name, id = %peer, "peer connected");
                             svc.peer_connected(peer);
                             rp.peer_connected(peer);
+                            let changes = match router.lock() {
+                                Ok(mut r) => {
+                                    r.direct.insert(peer);
+                                    announce(&r);
+                                    r.recompute()
+                                }
+                                Err(_) => (Vec::new(), Vec::new()),
+                            };
+                            apply(changes);
                         }
                         MeshEvent::Disconnected { peer, reason } => {
                             let name = peer_names.get(&peer).cloned().unwrap_or_default();
                             tracing::info!(peer = %name, id = %peer, "peer disconnected: {reason}");
                             svc.peer_disconnected(peer);
                             rp.peer_disconnected(peer);
+                            let changes = match router.lock() {
+                                Ok(mut r) => {
+                                    r.direct.remove(&peer);
+                                    r.neighbors.remove(&peer);
+                                    announce(&r);
+                                    r.recompute()
+                                }
+                                Err(_) => (Vec::new(), Vec::new()),
+                            };
+                            apply(changes);
                         }
                         MeshEvent::Message {
                             peer,
@@ -168,13 +242,73 @@ impl Network {
                             peer,
                             msg: Message::Repl(m),
                         } => rp.on_message(peer, m),
+                        MeshEvent::Message {
+                            peer,
+                            msg: Message::Neighbors { peers },
+                        } => {
+                            let changes = match router.lock() {
+                                Ok(mut r) => {
+                                    let mut peers = peers;
+                                    peers.truncate(1024);
+                                    for (id, name) in &peers {
+                                        let ok = !name.is_empty()
+                                            && name.len() <= 64
+                                            && !name.chars().any(char::is_control);
+                                        if ok && !peer_names.contains_key(id) {
+                                            r.names.insert(*id, name.clone());
+                                        }
+                                    }
+                                    r.neighbors
+                                        .insert(peer, peers.into_iter().map(|(id, _)| id).collect());
+                                    r.recompute()
+                                }
+                                Err(_) => (Vec::new(), Vec::new()),
+                            };
+                            apply(changes);
+                        }
+                        MeshEvent::Message {
+                            peer,
+                            msg:
+                                Message::Routed {
+                                    from,
+                                    to,
+                                    hops,
+                                    lock,
+                                },
+                        } => {
+                            let (deliver, forward) = match router.lock() {
+                                Ok(r) => (
+                                    to == me && r.via(from) == Some(peer),
+                                    to != me
+                                        && r.direct.contains(&to)
+                                        && hops < peerfs_proto::msg::MAX_HOPS,
+                                ),
+                                Err(_) => (false, false),
+                            };
+                            if deliver {
+                                svc.on_message(from, *lock);
+                            } else if forward {
+                                let _ = relay.send(
+                                    to,
+                                    Message::Routed {
+                                        from,
+                                        to,
+                                        hops: hops + 1,
+                                        lock,
+                                    },
+                                    Priority::Control,
+                                );
+                            } else {
+                                tracing::debug!(peer = %peer.short(), from = %from.short(), to = %to.short(), "routed lock message dropped");
+                            }
+                        }
                         MeshEvent::Message { peer, msg } => {
                             tracing::debug!(peer = %peer.short(), ?msg, "message not for lockd");
                         }
                     }
                 }
             });
-            anyhow::Ok((mesh, locks, repl))
+            anyhow::Ok((mesh, locks, repl, router_out))
         })?;
         let root = Arc::new(
             std::fs::File::open(&cfg.backing)
@@ -219,6 +353,7 @@ impl Network {
             trash,
             root,
             names,
+            router,
             me,
         })
     }
@@ -318,6 +453,7 @@ impl Network {
                         "records_sent": r.records_sent,
                         "records_applied": r.records_applied,
                         "replication_error": r.last_error,
+                        "sync": r.sync,
                         "name": p.name,
                         "id": p.id.to_string(),
                         "address": p.address,
@@ -332,10 +468,22 @@ impl Network {
         })
     }
 
+    /// `status`'s reconciliation report: the start scan and the conflict copies made here.
+    pub fn reconcile_source(&self) -> crate::control::Source {
+        let repl = self.repl.clone();
+        Arc::new(move || {
+            json!({
+                "scan": repl.scan_report(),
+                "conflicts": repl.conflicts(),
+            })
+        })
+    }
+
     /// `locks`'s answer.
     pub fn locks_source(&self) -> crate::control::Source {
         let svc = Arc::clone(&self.locks);
         let names = Arc::clone(&self.names);
+        let router = Arc::clone(&self.router);
         let me = self.me;
         Arc::new(move || {
             let locks: Vec<serde_json::Value> = svc
@@ -344,7 +492,11 @@ impl Network {
                 .map(|l| {
                     json!({
                         "path": l.path.to_string(),
-                        "holder": names.get(&l.holder).cloned().unwrap_or_else(|| l.holder.short()),
+                        "holder": names
+                            .get(&l.holder)
+                            .cloned()
+                            .or_else(|| router.lock().ok().and_then(|r| r.names.get(&l.holder).cloned()))
+                            .unwrap_or_else(|| l.holder.short()),
                         "holder_id": l.holder.to_string(),
                         "local": l.holder == me,
                         "since": rfc3339(l.since),
@@ -508,5 +660,106 @@ impl Applied for DriveCaches {
         if let Some(v) = self.0.upgrade() {
             v.remote_ungate(ino);
         }
+    }
+}
+
+/// Which peers are reachable only through another peer (one relay: a neighbor of a neighbor),
+/// from the neighbor lists peers announce. Lock messages to such a peer travel as
+/// [`Message::Routed`] through the relay; the relay delivers them unchanged, so the lock
+/// protocol works across it as over a direct link.
+pub(crate) struct Router {
+    me: PeerId,
+    /// Peers connected directly.
+    direct: std::collections::HashSet<PeerId>,
+    /// What each direct peer announced as its own direct peers.
+    neighbors: HashMap<PeerId, Vec<PeerId>>,
+    /// Peer → the direct peer that relays to it.
+    routes: HashMap<PeerId, PeerId>,
+    /// Names of peers our config does not list, as their relays call them.
+    names: HashMap<PeerId, String>,
+}
+
+impl Router {
+    pub(crate) fn new(me: PeerId) -> Router {
+        Router {
+            me,
+            direct: Default::default(),
+            neighbors: HashMap::new(),
+            routes: HashMap::new(),
+            names: HashMap::new(),
+        }
+    }
+
+    fn direct(&self) -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = self.direct.iter().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// The relay for `peer` (`None`: direct, or unreachable).
+    pub(crate) fn via(&self, peer: PeerId) -> Option<PeerId> {
+        if self.direct.contains(&peer) {
+            None
+        } else {
+            self.routes.get(&peer).copied()
+        }
+    }
+
+    /// Recomputes the routes; returns the peers that became reachable through a relay and
+    /// those that no longer are (neither includes direct peers).
+    pub(crate) fn recompute(&mut self) -> (Vec<PeerId>, Vec<PeerId>) {
+        let mut routes: HashMap<PeerId, PeerId> = HashMap::new();
+        let mut relays: Vec<&PeerId> = self.neighbors.keys().collect();
+        relays.sort();
+        for relay in relays {
+            if !self.direct.contains(relay) {
+                continue;
+            }
+            for t in &self.neighbors[relay] {
+                if *t != self.me && !self.direct.contains(t) {
+                    routes.entry(*t).or_insert(*relay);
+                }
+            }
+        }
+        let added = routes
+            .keys()
+            .filter(|t| !self.routes.contains_key(*t))
+            .copied()
+            .collect();
+        let lost = self
+            .routes
+            .keys()
+            .filter(|t| !routes.contains_key(*t) && !self.direct.contains(*t))
+            .copied()
+            .collect();
+        self.routes = routes;
+        (added, lost)
+    }
+}
+
+#[cfg(test)]
+mod router_tests {
+    use super::*;
+
+    #[test]
+    fn a_neighbor_of_a_neighbor_is_routed_and_forgotten_with_it() {
+        let (a, b, c) = (PeerId([1; 32]), PeerId([2; 32]), PeerId([3; 32]));
+        let mut r = Router::new(a);
+        r.direct.insert(b);
+        r.neighbors.insert(b, vec![a, c]);
+        assert_eq!(r.recompute(), (vec![c], vec![]));
+        assert_eq!(r.via(c), Some(b));
+        assert_eq!(r.via(b), None);
+        // C connects directly: no route needed, nothing "lost".
+        r.direct.insert(c);
+        assert_eq!(r.recompute(), (vec![], vec![]));
+        assert_eq!(r.via(c), None);
+        // B goes away while C is not direct: C is lost.
+        r.direct.remove(&c);
+        r.recompute();
+        r.direct.remove(&b);
+        r.neighbors.remove(&b);
+        assert_eq!(r.recompute(), (vec![], vec![c]));
+        assert_eq!(r.via(c), None);
     }
 }

@@ -270,6 +270,7 @@ fn serve(cfg: &Config, pid_file: PidFile, readiness: &mut Readiness) -> Result<(
         }),
         peers: network.as_ref().map(Network::peers_source),
         locks: network.as_ref().map(Network::locks_source),
+        reconcile: network.as_ref().map(Network::reconcile_source),
         // Through the daemon, a restore also replicates.
         trash_restore: network.as_ref().map(|n| n.trash_restore_source(&vfs)),
     };

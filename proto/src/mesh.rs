@@ -1197,6 +1197,8 @@ fn kind(msg: &Message) -> &'static str {
         Message::Pong { .. } => "Pong",
         Message::Lock(_) => "Lock",
         Message::Repl(_) => "Repl",
+        Message::Neighbors { .. } => "Neighbors",
+        Message::Routed { .. } => "Routed",
     }
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PeerId, RelPath};
 
 /// The protocol version this build speaks; exchanged in [`Message::Hello`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// One frame's content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +29,104 @@ pub enum Message {
     Lock(LockMsg),
     /// Replication (the replicator's push stream and its acknowledgements).
     Repl(ReplMsg),
+    /// The peers the sender is connected to right now (sent on every connection and whenever
+    /// that set changes): a peer that is not connected to one of them directly reaches it
+    /// through the sender (peer parent / relay).
+    Neighbors {
+        peers: Vec<(PeerId, String)>,
+    },
+    /// A lock message from `from` for `to`, relayed by the peer that sends this frame. `hops`
+    /// counts relays so far; a relay forwards only to a peer it is connected to.
+    Routed {
+        from: PeerId,
+        to: PeerId,
+        hops: u8,
+        lock: Box<LockMsg>,
+    },
+}
+
+/// Most relays a routed message may take.
+pub const MAX_HOPS: u8 = 2;
+
+/// A 16-byte digest of a subtree (per-folder summaries of reconciliation).
+pub type Digest = [u8; 16];
+
+/// Most peers a version vector may name (bounds decoding work).
+pub const MAX_VV: usize = 256;
+/// Most earlier content hashes a version carries.
+pub const MAX_HISTORY: usize = 8;
+/// Most entries in one [`ReplMsg::List`] or [`ReplMsg::Have`] frame.
+pub const MAX_ITEMS: usize = 1024;
+
+/// The version of an object at a path: who changed it how often (version vector), where and
+/// when the newest change was made, and the content hashes it replaced (ancestry by hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// (peer, counter), sorted by peer, each peer at most once.
+    pub vv: Vec<(PeerId, u64)>,
+    /// The peer that made this version, its own name, and its clock then (Unix seconds).
+    pub origin: PeerId,
+    pub origin_name: String,
+    pub time: i64,
+    /// Content hashes of earlier versions of this object, newest first.
+    pub history: Vec<Hash>,
+    /// Attribute clock (Lamport) and the peer that set the attributes last.
+    pub mclock: u64,
+    pub mpeer: PeerId,
+}
+
+impl Version {
+    /// Checks the bounds decoding cannot express.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.vv.len() > MAX_VV {
+            return Err("version vector too long");
+        }
+        if self.vv.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("version vector not sorted");
+        }
+        if self.history.len() > MAX_HISTORY {
+            return Err("history too long");
+        }
+        if self.origin_name.len() > 64
+            || self
+                .origin_name
+                .chars()
+                .any(|c| c.is_control() || c == '/' || c == '\\')
+        {
+            return Err("bad origin name");
+        }
+        Ok(())
+    }
+}
+
+/// What kind of object an entry of the reconciliation index is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// Deleted (a tombstone): remembered so a returning peer does not bring it back.
+    Gone,
+}
+
+/// A peer's state of one path, as reconciliation compares it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryState {
+    pub kind: Kind,
+    /// Content hash of a file, hash of a symlink's target, zero otherwise.
+    pub hash: Hash,
+    pub size: u64,
+    pub mode: u32,
+    pub ver: Version,
+}
+
+/// One child in a [`ReplMsg::List`]: its name, whether it is a folder, and the digest of it
+/// (with everything below it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListItem {
+    pub name: ByteBuf,
+    pub dir: bool,
+    pub digest: Digest,
 }
 
 /// A 32-byte blake3 hash (chunk id or content hash).
@@ -118,6 +216,8 @@ pub enum ReplMsg {
         epoch: u64,
         seq: u64,
         op: NsOp,
+        /// The version the operation makes (for a removal: the tombstone's).
+        ver: Option<Box<Version>>,
     },
     /// Start of a content transfer of `path`: the new version is `size` bytes with
     /// `content_hash`, built from the receiver's version `base` (its content hash; `None`:
@@ -141,6 +241,8 @@ pub enum ReplMsg {
         /// A large transfer sent beside the stream: its pieces interleave with the records
         /// that follow it (none of which touches its path), and it is acknowledged on its own.
         side: bool,
+        /// The version being sent.
+        ver: Option<Box<Version>>,
     },
     /// Bytes of the base version at `from_offset` (whole base chunks).
     Copy {
@@ -167,6 +269,35 @@ pub enum ReplMsg {
     /// Flow credit: the receiver has consumed `bytes` of transfer `seq`.
     Progress {
         seq: u64,
+        bytes: u64,
+    },
+    /// Reconciliation: the digest of the sender's whole tree, sent once its queue to the
+    /// receiver is empty. `configured`: the peers the sender's config lists (a relay forwards
+    /// changes between two peers that do not list each other).
+    Summary {
+        digest: Digest,
+        files: u64,
+        bytes: u64,
+        configured: Vec<PeerId>,
+        /// An answer to the receiver's summary (equal digests are answered once, so both
+        /// sides learn they agree).
+        reply: bool,
+    },
+    /// Reconciliation: the children of folder `dir` with their digests (`more`: the listing
+    /// continues in the next frame).
+    List {
+        dir: RelPath,
+        items: Vec<ListItem>,
+        more: bool,
+    },
+    /// Reconciliation: the sender's state of paths whose digests differ (`None`: nothing).
+    Have {
+        items: Vec<(RelPath, Option<EntryState>)>,
+    },
+    /// Reconciliation: what the sender queued for the receiver since the connection began
+    /// (files and bytes), for progress.
+    Plan {
+        files: u64,
         bytes: u64,
     },
 }

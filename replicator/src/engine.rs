@@ -26,7 +26,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
-use peerfs_proto::msg::{AckOutcome, ByteBuf, Meta, NsOp, ReplMsg};
+use peerfs_proto::msg::{AckOutcome, ByteBuf, EntryState, Kind, Meta, NsOp, ReplMsg, Version};
 use peerfs_proto::{PeerId, RelPath};
 
 use crate::beneath::{lstat_at, open_dir, open_parent, openat2_beneath};
@@ -35,6 +35,30 @@ use crate::delta::{Delta, Op};
 use crate::manifest::{self, Manifest};
 use crate::meta::{apply_meta, open_for_meta, read_meta};
 use crate::store::{FileId, NewRecord, PeerKey, QueueRecord, RecordKind, ScanStamp, Store};
+
+mod recon;
+mod versions;
+
+use crate::catalog::Decision;
+use versions::now_secs;
+
+pub use recon::{ConflictNote, ScanReport, SyncProgress};
+
+/// Decides whether a path replicates (the drive's include/exclude rules).
+pub type Filter = Arc<dyn Fn(&RelPath) -> bool + Send + Sync>;
+
+/// A namespace operation as queued: the operation and the version it makes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OpRecord {
+    op: NsOp,
+    ver: Option<Version>,
+}
+
+/// Decodes a queued operation (records queued by older builds hold a bare `NsOp`).
+fn decode_op(bytes: &[u8]) -> Result<OpRecord, postcard::Error> {
+    postcard::from_bytes::<OpRecord>(bytes)
+        .or_else(|_| postcard::from_bytes::<NsOp>(bytes).map(|op| OpRecord { op, ver: None }))
+}
 
 /// Name prefix of the receiver's intermediate files (hidden by the drive, swept at mount).
 pub use crate::apply::TMP_PREFIX;
@@ -94,6 +118,10 @@ pub struct Config {
     /// The state folder (journals of in-place updates live in `state/journal`).
     pub state: PathBuf,
     pub me: PeerId,
+    /// This server's own name (conflict copies of its versions carry it).
+    pub me_name: String,
+    /// Which paths replicate (the start scan skips the others); `None`: all.
+    pub filter: Option<Filter>,
     /// Every configured peer and its name.
     pub peers: Vec<(PeerId, String)>,
     /// Apply owners (uid/gid) received from peers (needs root).
@@ -155,6 +183,7 @@ pub struct PeerReplStatus {
     pub records_sent: u64,
     pub records_applied: u64,
     pub last_error: Option<String>,
+    pub sync: SyncProgress,
 }
 
 /// Counters of what this server sent and applied.
@@ -164,6 +193,8 @@ struct Counters {
     content_bytes_received: AtomicU64,
     records_sent: AtomicU64,
     records_applied: AtomicU64,
+    /// Records the peer acknowledged (applied or skipped for good).
+    records_acked: AtomicU64,
 }
 
 /// What the sender does differently when it resends a record after a refusal.
@@ -206,6 +237,8 @@ struct PeerState {
     /// The file each content record sent was about (kept across restarts: an ack of a record
     /// sent before a restart still tells which version the peer holds).
     sent_ids: HashMap<u64, FileId>,
+    /// Reconciliation with this peer in this connection.
+    recon: recon::PeerRecon,
 }
 
 struct Peer {
@@ -241,9 +274,8 @@ struct Inner {
     trash: TrashFn,
     /// Removals held back while a save may put a new file at the name.
     held: Mutex<HashMap<RelPath, Instant>>,
-    /// Highest fencing token seen per name in updates from peers: an update under an older
-    /// token comes from a writer whose lease expired and is kept only as a conflict copy.
-    fences: Mutex<HashMap<RelPath, u64>>,
+    /// Reconciliation: conflicts made here, the start scan's report.
+    recon: recon::Shared,
     waiters: Mutex<Vec<Waiter>>,
     stop: AtomicBool,
 }
@@ -329,7 +361,7 @@ impl Replicator {
             held_probe: Mutex::new(None),
             trash,
             held: Mutex::new(HashMap::new()),
-            fences: Mutex::new(HashMap::new()),
+            recon: recon::Shared::default(),
             waiters: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -338,6 +370,8 @@ impl Replicator {
             tracing::info!(replayed, "finished in-place updates a crash interrupted");
         }
         sweep_tmp(&inner.cfg.backing);
+        // What changed while peerfs was not running, before any peer compares trees with us.
+        inner.start_scan();
         for (i, p) in inner.peers.iter().enumerate() {
             let me = inner.clone();
             std::thread::Builder::new()
@@ -437,6 +471,7 @@ impl Replicator {
             self.inner.restart(&mut st, 0);
             st.retry_at = None;
             st.backoff = Duration::ZERO;
+            self.inner.recon_connected(p, &mut st);
             drop(st);
             p.wake.notify_all();
             let _ = i;
@@ -482,6 +517,16 @@ impl Replicator {
         }
     }
 
+    /// Conflict copies made here (most recent last).
+    pub fn conflicts(&self) -> Vec<ConflictNote> {
+        self.inner.conflicts()
+    }
+
+    /// What the start scan found.
+    pub fn scan_report(&self) -> ScanReport {
+        self.inner.scan_report()
+    }
+
     /// Per-peer counters.
     pub fn status(&self) -> Vec<PeerReplStatus> {
         self.inner
@@ -489,10 +534,12 @@ impl Replicator {
             .iter()
             .map(|p| {
                 let st = p.state.lock();
+                let queue = self.inner.store.len(&p.key).unwrap_or(0);
                 PeerReplStatus {
+                    sync: self.inner.sync_progress(p, &st, queue),
                     name: p.name.clone(),
                     id: p.id.to_string(),
-                    queue: self.inner.store.len(&p.key).unwrap_or(0),
+                    queue,
                     queue_bytes: self.inner.store.bytes_pending(&p.key).unwrap_or(0),
                     content_bytes_sent: p.counters.content_bytes_sent.load(Ordering::Relaxed),
                     content_bytes_received: p
@@ -577,8 +624,18 @@ impl Inner {
         self.enqueue_all_with(rec, true)
     }
 
-    fn enqueue_op(&self, file: FileId, path: &RelPath, op: &NsOp) -> io::Result<Vec<(usize, u64)>> {
-        let bytes = postcard::to_stdvec(op).map_err(ioerr)?;
+    fn enqueue_op(
+        &self,
+        file: FileId,
+        path: &RelPath,
+        op: &NsOp,
+        ver: Option<Version>,
+    ) -> io::Result<Vec<(usize, u64)>> {
+        let bytes = postcard::to_stdvec(&OpRecord {
+            op: op.clone(),
+            ver,
+        })
+        .map_err(ioerr)?;
         self.enqueue_all(NewRecord {
             file,
             kind: RecordKind::Op(bytes),
@@ -624,7 +681,12 @@ impl Inner {
             .remove_tree(Path::new(OsStr::from_bytes(path.as_bytes())))
             .map_err(ioerr)?
             .unwrap_or(FileId(0));
-        let bytes = postcard::to_stdvec(&NsOp::Remove { path: path.clone() }).map_err(ioerr)?;
+        let ver = self.tomb_local(path.as_bytes())?;
+        let bytes = postcard::to_stdvec(&OpRecord {
+            op: NsOp::Remove { path: path.clone() },
+            ver: Some(ver),
+        })
+        .map_err(ioerr)?;
         self.enqueue_all_with(
             NewRecord {
                 file: id,
@@ -648,6 +710,7 @@ impl Inner {
             }
             LocalChange::Meta { path } => {
                 self.flush_held_related(&path)?;
+                self.record_local_meta(path.as_bytes())?;
                 let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
                 self.enqueue_all(NewRecord {
                     file: id,
@@ -660,7 +723,17 @@ impl Inner {
             LocalChange::Mkdir { path } => {
                 self.flush_held_related(&path)?;
                 let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
-                let meta = self.meta_of(&path).map(|(_, m)| m).unwrap_or_default();
+                let (st, meta) = self.meta_of(&path)?;
+                self.record_local(
+                    path.as_bytes(),
+                    Kind::Dir,
+                    [0; 32],
+                    0,
+                    st.st_mode & 0o7777,
+                    None,
+                    now_secs(),
+                )?;
+                let ver = self.entry(path.as_bytes()).map(|e| e.state.ver);
                 self.enqueue_op(
                     id,
                     &path,
@@ -668,27 +741,32 @@ impl Inner {
                         path: path.clone(),
                         meta,
                     },
+                    ver,
                 )
             }
             LocalChange::Symlink { path } => {
                 self.flush_held_related(&path)?;
-                let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
-                let (dir, name) = open_parent(self.root(), &path, false)?;
-                let target = readlinkat(dir.as_fd(), &name)?;
-                let meta = self.meta_of(&path).map(|(_, m)| m).unwrap_or_default();
-                self.enqueue_op(
-                    id,
-                    &path,
-                    &NsOp::Symlink {
-                        path: path.clone(),
-                        target: ByteBuf(target),
-                        meta,
-                    },
-                )
+                self.local_content(&path, None, None)
             }
             LocalChange::Link { existing, path } => {
                 self.flush_held_related(&path)?;
                 let id = self.store.ensure_file_id(&p(&path)).map_err(ioerr)?;
+                let ver = match self.entry(existing.as_bytes()) {
+                    Some(e) if e.state.kind == Kind::File => {
+                        let (st, _) = self.meta_of(&path)?;
+                        self.record_local(
+                            path.as_bytes(),
+                            Kind::File,
+                            e.state.hash,
+                            e.state.size,
+                            st.st_mode & 0o7777,
+                            Some(stamp_of(&st)),
+                            st.st_mtime,
+                        )?;
+                        self.entry(path.as_bytes()).map(|e| e.state.ver)
+                    }
+                    _ => None,
+                };
                 self.enqueue_op(
                     id,
                     &path,
@@ -696,6 +774,7 @@ impl Inner {
                         existing,
                         path: path.clone(),
                     },
+                    ver,
                 )
             }
             LocalChange::Remove { path, held } => {
@@ -714,6 +793,7 @@ impl Inner {
                 self.flush_held_related(&to)?;
                 let id = self.store.rename_path(&p(&from), &p(&to)).map_err(ioerr)?;
                 let _ = id;
+                let ver = self.rename_local(from.as_bytes(), to.as_bytes())?;
                 let file = self.store.ensure_file_id(&p(&to)).map_err(ioerr)?;
                 self.enqueue_op(
                     file,
@@ -722,6 +802,7 @@ impl Inner {
                         from,
                         to: to.clone(),
                     },
+                    ver,
                 )
             }
         }
@@ -757,12 +838,22 @@ impl Inner {
                 libc::O_RDONLY | libc::O_NOFOLLOW,
                 0,
             )?);
-            let manifest = self.chunk_local(id, &file, &st, dirty.as_deref())?;
+            let manifest = self.chunk_local(path.as_bytes(), id, &file, &st, dirty.as_deref())?;
             bytes = manifest.size();
         } else if is_kind(&st, libc::S_IFLNK) {
             // Symlinks travel as operations.
             let target = readlinkat(dir.as_fd(), &name)?;
             let meta = read_meta(&st, None);
+            self.record_local(
+                path.as_bytes(),
+                Kind::Symlink,
+                *blake3::hash(&target).as_bytes(),
+                0,
+                st.st_mode & 0o7777,
+                None,
+                st.st_mtime,
+            )?;
+            let ver = self.entry(path.as_bytes()).map(|e| e.state.ver);
             return self.enqueue_op(
                 id,
                 path,
@@ -771,6 +862,7 @@ impl Inner {
                     target: ByteBuf(target),
                     meta,
                 },
+                ver,
             );
         } else {
             // Devices, FIFOs and sockets stay local.
@@ -810,6 +902,7 @@ impl Inner {
     /// manifest when the drive tracked the writes, in full otherwise; stored with its stamp.
     fn chunk_local(
         &self,
+        path: &[u8],
         id: FileId,
         file: &File,
         st: &libc::stat,
@@ -826,6 +919,16 @@ impl Inner {
             _ => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, file))?,
         };
         self.record_content(id, &manifest, stamp_of(st))?;
+        // The index follows: a new content is a new version made here.
+        self.record_local(
+            path,
+            Kind::File,
+            *manifest.content_hash(),
+            manifest.size(),
+            st.st_mode & 0o7777,
+            Some(stamp_of(st)),
+            st.st_mtime,
+        )?;
         if manifest.chunks().len() > TRIM_CHUNKS {
             trim_heap();
         }
@@ -846,7 +949,13 @@ impl Inner {
 
     /// The stored manifest of `id` if it still describes the file (same stamp), else a fresh
     /// full chunking (stored).
-    fn current_manifest(&self, id: FileId, file: &File, st: &libc::stat) -> io::Result<Manifest> {
+    fn current_manifest(
+        &self,
+        path: &[u8],
+        id: FileId,
+        file: &File,
+        st: &libc::stat,
+    ) -> io::Result<Manifest> {
         let state = self.store.file_state(id).ok().flatten();
         if let Some(state) = state {
             if state.stamp == Some(stamp_of(st)) {
@@ -861,7 +970,7 @@ impl Inner {
                 }
             }
         }
-        self.chunk_local(id, file, st, None)
+        self.chunk_local(path, id, file, st, None)
     }
 
     fn held_timer(self: Arc<Self>) {
@@ -1008,7 +1117,8 @@ impl Inner {
                 }
             };
             let Some(rec) = recs.into_iter().next() else {
-                // Nothing queued: sleep until woken.
+                // Nothing queued: compare trees if due, then sleep until woken.
+                self.maybe_summary(&p);
                 let mut st = p.state.lock();
                 if st.generation == generation && st.cursor == cursor {
                     p.wake.wait_for(&mut st, Duration::from_secs(1));
@@ -1116,7 +1226,23 @@ impl Inner {
         let op = NsOp::Remove {
             path: RelPath::root(),
         };
-        self.send(p, ReplMsg::Op { epoch, seq, op }, true)
+        self.send(
+            p,
+            ReplMsg::Op {
+                epoch,
+                seq,
+                op,
+                ver: None,
+            },
+            true,
+        )
+    }
+
+    /// The version of the object at `path` here, as the index has it.
+    fn ver_of(&self, path: &RelPath) -> Option<Version> {
+        self.entry(path.as_bytes())
+            .filter(|e| e.state.kind != Kind::Gone)
+            .map(|e| e.state.ver)
     }
 
     fn send(&self, p: &Peer, msg: ReplMsg, bulk: bool) -> Result<(), Stop> {
@@ -1159,8 +1285,17 @@ impl Inner {
         let (kind, base_override) = (rec.kind.clone(), ov.base);
         match kind {
             RecordKind::Op(bytes) => {
-                let op: NsOp = postcard::from_bytes(&bytes).map_err(|e| Stop::Io(ioerr(e)))?;
-                self.send(p, ReplMsg::Op { epoch, seq, op }, true)?;
+                let OpRecord { op, ver } = decode_op(&bytes).map_err(|e| Stop::Io(ioerr(e)))?;
+                self.send(
+                    p,
+                    ReplMsg::Op {
+                        epoch,
+                        seq,
+                        op,
+                        ver: ver.map(Box::new),
+                    },
+                    true,
+                )?;
                 Ok(Sent::Record)
             }
             RecordKind::Meta => {
@@ -1170,15 +1305,22 @@ impl Inner {
                     .and_then(|c| RelPath::new(c.as_os_str().as_bytes()).ok())
                     .and_then(|c| self.meta_of(&c).ok());
                 match meta {
-                    Some((_, meta)) => self.send(
-                        p,
-                        ReplMsg::Op {
-                            epoch,
-                            seq,
-                            op: NsOp::SetMeta { path, meta },
-                        },
-                        true,
-                    )?,
+                    Some((_, meta)) => {
+                        let ver = current
+                            .as_deref()
+                            .and_then(|c| RelPath::new(c.as_os_str().as_bytes()).ok())
+                            .and_then(|c| self.ver_of(&c));
+                        self.send(
+                            p,
+                            ReplMsg::Op {
+                                epoch,
+                                seq,
+                                op: NsOp::SetMeta { path, meta },
+                                ver: ver.map(Box::new),
+                            },
+                            true,
+                        )?
+                    }
                     // Gone since: a later record removes or renames it.
                     None => self.send_noop(p, epoch, seq)?,
                 }
@@ -1245,6 +1387,7 @@ impl Inner {
                         path: path.clone(),
                         meta,
                     },
+                    ver: self.ver_of(current).map(Box::new),
                 },
                 true,
             )?;
@@ -1263,6 +1406,7 @@ impl Inner {
                         target: ByteBuf(target),
                         meta,
                     },
+                    ver: self.ver_of(current).map(Box::new),
                 },
                 true,
             )?;
@@ -1283,7 +1427,9 @@ impl Inner {
         } else {
             id
         };
-        let new = self.current_manifest(id, &file, &st).map_err(Stop::Io)?;
+        let new = self
+            .current_manifest(current.as_bytes(), id, &file, &st)
+            .map_err(Stop::Io)?;
         let meta = read_meta(&st, Some(file.as_fd()));
 
         // The version the peer holds: what it acked last, else the version before this one.
@@ -1358,6 +1504,10 @@ impl Inner {
                 aligned: aligned(&delta),
                 checked,
                 side,
+                ver: self
+                    .entry(current.as_bytes())
+                    .filter(|e| e.state.kind == Kind::File && e.state.hash == *new.content_hash())
+                    .map(|e| Box::new(e.state.ver)),
             },
             true,
         )?;
@@ -1429,7 +1579,7 @@ impl Inner {
     fn record_paths(rec: &QueueRecord) -> Vec<RelPath> {
         let mut out: Vec<RelPath> = path_of_bytes(&rec.path).into_iter().collect();
         if let RecordKind::Op(bytes) = &rec.kind {
-            if let Ok(op) = postcard::from_bytes::<NsOp>(bytes) {
+            if let Ok(OpRecord { op, .. }) = decode_op(bytes) {
                 match op {
                     NsOp::Rename { from, to } => out.extend([from, to]),
                     NsOp::Link { existing, path } => out.extend([existing, path]),
@@ -1554,6 +1704,7 @@ impl Inner {
         };
         match outcome {
             AckOutcome::Applied => {
+                p.counters.records_acked.fetch_add(1, Ordering::Relaxed);
                 st.inflight[pos].done = true;
                 st.acked_beyond.insert(seq);
                 st.side.remove(&seq);
@@ -1708,7 +1859,12 @@ struct Transfer {
     meta: Meta,
     received: u64,
     reported: u64,
-    conflict: bool,
+    /// What to do with the incoming version, given ours.
+    decision: Decision,
+    /// Nothing to build (ours is newer or the same): pieces are ignored.
+    discard: bool,
+    theirs: EntryState,
+    ours: Option<EntryState>,
     failed: Option<AckOutcome>,
     /// Patch mode: the changed bytes go to a journal, applied in place at the end.
     journal: Option<crate::patch::Journal>,
@@ -1785,8 +1941,8 @@ impl Inner {
                 ok
             };
             match msg {
-                ReplMsg::Op { seq, op, .. } => {
-                    let outcome = self.apply_op(&p, op);
+                ReplMsg::Op { seq, op, ver, .. } => {
+                    let outcome = self.apply_op(&p, op, ver.map(|v| *v));
                     if !ack(seq, outcome, None) {
                         halted = true;
                     }
@@ -1799,9 +1955,9 @@ impl Inner {
                     content_hash,
                     meta,
                     aligned,
-                    fence,
                     checked,
                     side: beside,
+                    ver,
                     ..
                 } => match self.begin(
                     &p,
@@ -1812,8 +1968,8 @@ impl Inner {
                     content_hash,
                     meta,
                     aligned,
-                    fence,
                     checked,
+                    ver.map(|v| *v),
                 ) {
                     Ok(t) if beside => {
                         side.insert(seq, t);
@@ -1879,7 +2035,11 @@ impl Inner {
                     };
                     if let Some(t) = t {
                         // A conflict copy leaves this server's own version at the path.
-                        let holds = (!t.conflict).then_some(t.content_hash);
+                        let holds = matches!(
+                            t.decision,
+                            Decision::Apply | Decision::OursLoses | Decision::Same
+                        )
+                        .then_some(t.content_hash);
                         let big = t.chunks.len() > TRIM_CHUNKS;
                         let outcome = self.finish(&p, t);
                         if big {
@@ -1890,6 +2050,10 @@ impl Inner {
                         }
                     }
                 }
+                m @ (ReplMsg::Summary { .. }
+                | ReplMsg::List { .. }
+                | ReplMsg::Have { .. }
+                | ReplMsg::Plan { .. }) => self.on_recon(i, m),
                 ReplMsg::Ack { .. } | ReplMsg::Progress { .. } => {}
             }
         }
@@ -1924,8 +2088,88 @@ impl Inner {
             .store
             .ensure_file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
             .map_err(ioerr)?;
-        let m = self.current_manifest(id, &file, &st)?;
+        let m = self.current_manifest(path.as_bytes(), id, &file, &st)?;
         Ok(Some((file, m)))
+    }
+
+    /// This server's state of `path` as a decision sees it: the index entry, unless the
+    /// backing object says otherwise (`true`: an object the index does not describe, e.g. a
+    /// file a local writer is changing right now, which counts as a concurrent version).
+    fn ours_view(
+        &self,
+        path: &RelPath,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        have_hash: Option<Hash>,
+    ) -> (Option<EntryState>, bool) {
+        let entry = self.entry(path.as_bytes()).map(|e| e.state);
+        let st = lstat_at(dir, name).ok();
+        let on_disk = st.as_ref().and_then(versions::kind_of);
+        match (entry, on_disk) {
+            (None, None) => (None, false),
+            (Some(e), None) if e.kind == Kind::Gone => (Some(e), false),
+            // Indexed but gone from the disk (e.g. a removal held back for a save): a deletion.
+            (Some(e), None) => (Some(versions::gone(e.ver)), false),
+            (Some(e), Some(k)) if e.kind == k && (k != Kind::File || Some(e.hash) == have_hash) => {
+                (Some(e), false)
+            }
+            (e, Some(k)) => {
+                let mtime = st.map_or(0, |s| s.st_mtime);
+                let (vv, mut history) = e.map_or((Vec::new(), Vec::new()), |e| {
+                    let h = if e.kind == Kind::File {
+                        crate::catalog::push_history(&e.ver.history, e.hash)
+                    } else {
+                        e.ver.history.clone()
+                    };
+                    (e.ver.vv, h)
+                });
+                history.truncate(peerfs_proto::msg::MAX_HISTORY);
+                (
+                    Some(EntryState {
+                        kind: k,
+                        hash: have_hash.unwrap_or([0; 32]),
+                        size: 0,
+                        mode: 0,
+                        ver: Version {
+                            vv,
+                            origin: self.cfg.me,
+                            origin_name: self.cfg.me_name.clone(),
+                            time: mtime,
+                            history,
+                            mclock: 0,
+                            mpeer: self.cfg.me,
+                        },
+                    }),
+                    true,
+                )
+            }
+        }
+    }
+
+    /// The decision for an incoming version `theirs` (see [`crate::catalog::decide`]); an
+    /// object the index does not describe is concurrent with it unless `theirs` descends from
+    /// its content.
+    fn decide_incoming(
+        &self,
+        ours: Option<&EntryState>,
+        unrecorded: bool,
+        theirs: &EntryState,
+        base: Option<&Hash>,
+    ) -> Decision {
+        let Some(o) = ours.filter(|_| unrecorded) else {
+            return crate::catalog::decide(ours, theirs, base);
+        };
+        if crate::catalog::same_content(o, theirs) {
+            Decision::Same
+        } else if o.kind == Kind::File
+            && (base == Some(&o.hash) || theirs.ver.history.contains(&o.hash))
+        {
+            Decision::Apply
+        } else if crate::catalog::theirs_wins(o, theirs) {
+            Decision::OursLoses
+        } else {
+            Decision::TheirsLoses
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1939,8 +2183,8 @@ impl Inner {
         content_hash: Hash,
         meta: Meta,
         aligned: bool,
-        fence: Option<u64>,
         checked: bool,
+        ver: Option<Version>,
     ) -> Result<Transfer, AckOutcome> {
         if path.is_root() {
             return Err(AckOutcome::Failed {
@@ -1948,11 +2192,31 @@ impl Inner {
                 retry: false,
             });
         }
+        let versioned = ver.is_some();
+        let ver = self.incoming_version(p, ver)?;
         let (dir, name) = open_parent(self.root(), &path, true).map_err(|e| failed(&e))?;
         let have = self
             .have(dir.as_fd(), &name, &path)
             .map_err(|e| failed(&e))?;
         let have_hash = have.as_ref().map(|(_, m)| *m.content_hash());
+        let theirs = EntryState {
+            kind: Kind::File,
+            hash: content_hash,
+            size,
+            mode: meta.mode & 0o7777,
+            ver,
+        };
+        let (ours, unrecorded) = self.ours_view(&path, dir.as_fd(), &name, have_hash);
+        let decision = if versioned {
+            self.decide_incoming(ours.as_ref(), unrecorded, &theirs, base.as_ref())
+        } else if have_hash == Some(content_hash) {
+            Decision::Same
+        } else if have_hash.is_none() || (base.is_some() && base == have_hash) {
+            // No version (a record of an older build): the base decides, as it used to.
+            Decision::Apply
+        } else {
+            Decision::TheirsLoses
+        };
         // Metadata only until a mode is chosen below; the receiver's file is the base.
         let mut t = Transfer {
             seq,
@@ -1970,27 +2234,24 @@ impl Inner {
             meta,
             received: 0,
             reported: 0,
-            conflict: false,
+            decision,
+            discard: false,
+            theirs,
+            ours,
             failed: None,
             journal: None,
         };
-        if have_hash == Some(content_hash) {
-            // Already there (a replay, or the same content arrived another way): attributes only.
-            return Ok(t);
-        }
-        let mut conflict = false;
-        if let Some(f) = fence {
-            let mut fences = self.fences.lock();
-            let seen = fences.entry(t.path.clone()).or_insert(0);
-            if f < *seen {
-                tracing::warn!(path = %t.path, peer = %p.name, fence = f, seen = *seen, "replication: an update from a writer whose lock expired; kept as a conflict copy");
-                conflict = true;
-            } else {
-                *seen = f;
+        match decision {
+            Decision::Same if have_hash == Some(content_hash) => return Ok(t),
+            Decision::Same | Decision::Stale => {
+                // Ours is newer (or the same object): nothing to build.
+                t.discard = true;
+                return Ok(t);
             }
+            _ => {}
         }
+        let conflict = matches!(decision, Decision::OursLoses | Decision::TheirsLoses);
         match (base, have_hash) {
-            _ if conflict && (base.is_none() || base == have_hash) => {}
             (Some(b), Some(h)) if b == h => {}
             (Some(_), other) => {
                 return Err(AckOutcome::BaseMismatch { have: other });
@@ -2000,10 +2261,8 @@ impl Inner {
                 // The sender does not know what is here: tell it (it may know this version).
                 return Err(AckOutcome::BaseMismatch { have: Some(h) });
             }
-            (None, Some(_)) => {
-                // The sender knows no common version with this server's file: keep both.
-                conflict = true;
-            }
+            // Everything travels; the decision says where it goes.
+            (None, Some(_)) => {}
         }
         if aligned && !conflict {
             if let Some((bf, _)) = &t.base {
@@ -2046,22 +2305,98 @@ impl Inner {
             unsafe { libc::ioctl(tmp.as_raw_fd(), libc::FICLONE, bf.as_raw_fd()) == 0 }
         });
         t.tmp = Some((tmp, tmp_name));
-        t.conflict = conflict;
         Ok(t)
+    }
+
+    /// A version from peer `p`, checked; a sender that sent none (a record of an older build)
+    /// gets a version that is concurrent with everything ours.
+    fn incoming_version(&self, p: &Peer, ver: Option<Version>) -> Result<Version, AckOutcome> {
+        match ver {
+            Some(v) => {
+                v.validate().map_err(|e| AckOutcome::Failed {
+                    error: format!("a malformed version: {e}"),
+                    retry: false,
+                })?;
+                let _ = self.store.observe_clock(crate::catalog::max_clock(&v));
+                Ok(v)
+            }
+            None => Ok(Version {
+                vv: Vec::new(),
+                origin: p.id,
+                origin_name: p.name.clone(),
+                time: now_secs(),
+                history: Vec::new(),
+                mclock: 0,
+                mpeer: p.id,
+            }),
+        }
+    }
+
+    fn index_of(&self, p: &Peer) -> usize {
+        self.peers.iter().position(|x| x.id == p.id).unwrap_or(0)
+    }
+
+    /// Queues this server's (newer) version of `path` for peer `p`, which sent an older one.
+    fn push_back(&self, p: &Peer, path: &RelPath) {
+        let i = self.index_of(p);
+        if let Some(e) = self.entry(path.as_bytes()) {
+            match self.push_entry(i, path.as_bytes(), &e, true) {
+                Ok(_) => {
+                    let _ = self.store.flush();
+                }
+                Err(err) => {
+                    tracing::warn!(peer = %p.name, path = %path, "replication: cannot queue our newer version: {err}")
+                }
+            }
+        }
+    }
+
+    /// The same object arrived: merge the versions; the attributes of the later change win.
+    fn merge_same(&self, t: &Transfer) -> io::Result<()> {
+        let Some(o) = &t.ours else { return Ok(()) };
+        let theirs_meta = (t.theirs.ver.mclock, t.theirs.ver.mpeer) >= (o.ver.mclock, o.ver.mpeer);
+        let mut state = o.clone();
+        state.ver.vv = crate::catalog::merge(&o.ver.vv, &t.theirs.ver.vv);
+        let mut stamp = self.entry(t.path.as_bytes()).and_then(|e| e.stamp);
+        if theirs_meta {
+            if let Some((file, _)) = &t.base {
+                apply_meta(file.as_fd(), &t.meta, self.cfg.owners, false)?;
+                stamp = Some(stamp_of(&fstat(file)?));
+            }
+            state.mode = t.theirs.mode;
+            state.ver.mclock = t.theirs.ver.mclock;
+            state.ver.mpeer = t.theirs.ver.mpeer;
+        }
+        self.store
+            .cat_put(
+                t.path.as_bytes(),
+                Some(&crate::store::CatEntry { state, stamp }),
+            )
+            .map_err(ioerr)
     }
 
     fn finish(&self, p: &Peer, mut t: Transfer) -> AckOutcome {
         if let Some(f) = t.failed.take() {
             return f;
         }
+        let i = self.index_of(p);
         let r = (|| -> io::Result<AckOutcome> {
+            if t.discard {
+                if t.decision == Decision::Same {
+                    self.merge_same(&t)?;
+                } else {
+                    tracing::debug!(path = %t.path, peer = %p.name, "replication: an older version; ours is newer and goes back");
+                    self.push_back(p, &t.path);
+                }
+                return Ok(AckOutcome::Applied);
+            }
             if let Some(journal) = t.journal.take() {
                 return self.finish_patch(p, &mut t, journal);
             }
             let Some((tmp, tmp_name)) = t.tmp.take() else {
                 // Metadata only: the content is already here.
+                self.merge_same(&t)?;
                 if let Some((file, m)) = &t.base {
-                    apply_meta(file.as_fd(), &t.meta, self.cfg.owners, false)?;
                     self.note_received(p, &t.path, m, file)?;
                 }
                 if let Some(a) = self.applied() {
@@ -2089,17 +2424,119 @@ impl Inner {
             }
             apply_meta(tmp.as_fd(), &t.meta, self.cfg.owners, false)?;
             tmp.sync_all()?;
-            let target_name = if t.conflict {
-                free_conflict_name(t.dir.as_fd(), &t.name, &p.name)
-            } else {
-                t.name.clone()
+            let sibling = |n: &CStr| -> io::Result<RelPath> {
+                match t.path.split_last() {
+                    Some((parent, _)) => {
+                        parent.join(OsStr::from_bytes(n.to_bytes())).map_err(ioerr)
+                    }
+                    None => Ok(t.path.clone()),
+                }
             };
-            let target_path = match t.path.split_last() {
-                Some((parent, _)) => parent
-                    .join(OsStr::from_bytes(target_name.to_bytes()))
-                    .map_err(ioerr)?,
-                None => t.path.clone(),
-            };
+            let applied = self.applied();
+            match t.decision {
+                Decision::TheirsLoses => {
+                    // Ours keeps the name; theirs becomes the conflict copy (named from its
+                    // version, so every peer makes the same one).
+                    let (copy, there) = conflict_target(
+                        t.dir.as_fd(),
+                        &t.name,
+                        &t.theirs.ver,
+                        Some(&t.content_hash),
+                    );
+                    let copy_path = sibling(&copy)?;
+                    if !there {
+                        renameat(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &copy)?;
+                        std::mem::forget(guard);
+                        fsync_dir(t.dir.as_fd());
+                    }
+                    let file = File::from(openat2_beneath(
+                        t.dir.as_fd(),
+                        &copy,
+                        libc::O_RDONLY | libc::O_NOFOLLOW,
+                        0,
+                    )?);
+                    self.note_received(p, &copy_path, &m, &file)?;
+                    self.record_remote(
+                        copy_path.as_bytes(),
+                        t.theirs.clone(),
+                        None,
+                        Some(stamp_of(&fstat(&file)?)),
+                    )?;
+                    self.merge_seen(t.path.as_bytes(), &t.theirs.ver.vv)?;
+                    self.note_conflict(&t.path, &copy_path, &t.theirs.ver);
+                    if let Some(a) = applied {
+                        a.changed(&copy_path);
+                    }
+                    self.forward(i, copy_path.as_bytes());
+                    return Ok(AckOutcome::Applied);
+                }
+                Decision::OursLoses => {
+                    // Theirs takes the name; ours moves to the conflict copy, atomically for
+                    // readers (the name is never missing).
+                    let ours = t
+                        .ours
+                        .clone()
+                        .unwrap_or_else(|| versions::gone(t.theirs.ver.clone()));
+                    let (copy, _) = conflict_target(t.dir.as_fd(), &t.name, &ours.ver, None);
+                    let copy_path = sibling(&copy)?;
+                    let present = lstat_at(t.dir.as_fd(), &t.name).is_ok();
+                    if present {
+                        renameat2_exchange(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &t.name)?;
+                        renameat(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &copy)?;
+                    } else {
+                        renameat(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &t.name)?;
+                    }
+                    std::mem::forget(guard);
+                    fsync_dir(t.dir.as_fd());
+                    if present {
+                        let old = self.entry(t.path.as_bytes());
+                        let copy_stamp = lstat_at(t.dir.as_fd(), &copy).ok().map(|s| stamp_of(&s));
+                        let mut state = ours.clone();
+                        if let Some(e) = old.filter(|e| e.state.kind == ours.kind) {
+                            state.mode = e.state.mode;
+                            state.size = e.state.size;
+                        }
+                        let _ = self.store.rename_path(
+                            Path::new(OsStr::from_bytes(t.path.as_bytes())),
+                            Path::new(OsStr::from_bytes(copy_path.as_bytes())),
+                        );
+                        self.record_remote(copy_path.as_bytes(), state, None, copy_stamp)?;
+                        self.note_conflict(&t.path, &copy_path, &ours.ver);
+                    }
+                    let file = File::from(openat2_beneath(
+                        t.dir.as_fd(),
+                        &t.name,
+                        libc::O_RDONLY | libc::O_NOFOLLOW,
+                        0,
+                    )?);
+                    self.note_received(p, &t.path, &m, &file)?;
+                    self.record_remote(
+                        t.path.as_bytes(),
+                        t.theirs.clone(),
+                        t.ours.as_ref(),
+                        Some(stamp_of(&fstat(&file)?)),
+                    )?;
+                    if let Some(a) = applied {
+                        if present {
+                            a.changed(&copy_path);
+                        }
+                        a.changed(&t.path);
+                    }
+                    self.forward(i, t.path.as_bytes());
+                    if present {
+                        // Our version is news to everyone but the sender... and to it too.
+                        for j in 0..self.peers.len() {
+                            if let Some(e) = self.entry(copy_path.as_bytes()) {
+                                let _ = self.push_entry(j, copy_path.as_bytes(), &e, false);
+                            }
+                        }
+                    }
+                    return Ok(AckOutcome::Applied);
+                }
+                _ => {}
+            }
+            let target_name = t.name.clone();
+            let target_path = t.path.clone();
             // A folder, symlink or special file in the way goes to the trash (nothing lost).
             if lstat_at(t.dir.as_fd(), &target_name).is_ok_and(|st| !is_kind(&st, libc::S_IFREG)) {
                 self.trash(p, &target_path)?;
@@ -2124,9 +2561,6 @@ impl Inner {
                 std::mem::forget(guard);
                 fsync_dir(t.dir.as_fd());
             }
-            if t.conflict {
-                tracing::warn!(path = %t.path, peer = %p.name, copy = %target_path, "replication: this server has another version; the peer's is kept as a conflict copy");
-            }
             let file = File::from(openat2_beneath(
                 t.dir.as_fd(),
                 &target_name,
@@ -2134,9 +2568,16 @@ impl Inner {
                 0,
             )?);
             self.note_received(p, &target_path, &m, &file)?;
-            if let Some(a) = self.applied() {
+            self.record_remote(
+                target_path.as_bytes(),
+                t.theirs.clone(),
+                t.ours.as_ref(),
+                Some(stamp_of(&fstat(&file)?)),
+            )?;
+            if let Some(a) = applied {
                 a.changed(&target_path);
             }
+            self.forward(i, target_path.as_bytes());
             Ok(AckOutcome::Applied)
         })();
         match r {
@@ -2208,6 +2649,12 @@ impl Inner {
             }
             journal.remove();
             self.note_received(p, &t.path, &m, base)?;
+            self.record_remote(
+                t.path.as_bytes(),
+                t.theirs.clone(),
+                t.ours.as_ref(),
+                Some(stamp_of(&fstat(base)?)),
+            )?;
         } else {
             // Someone has the file open: rebuild beside it from the base plus the journal,
             // and rename, so readers keep the old version.
@@ -2241,6 +2688,12 @@ impl Inner {
             fsync_dir(t.dir.as_fd());
             journal.remove();
             self.note_received(p, &t.path, &m, &tmp)?;
+            self.record_remote(
+                t.path.as_bytes(),
+                t.theirs.clone(),
+                t.ours.as_ref(),
+                Some(stamp_of(&fstat(&tmp)?)),
+            )?;
         }
         if let Some(a) = applied {
             a.changed(&t.path);
@@ -2267,8 +2720,24 @@ impl Inner {
             .map_err(ioerr)
     }
 
-    fn apply_op(&self, p: &Peer, op: NsOp) -> AckOutcome {
-        let r = self.apply_op_io(p, &op);
+    fn apply_op(&self, p: &Peer, op: NsOp, ver: Option<Version>) -> AckOutcome {
+        let ver = match ver {
+            Some(v) => match v.validate() {
+                Ok(()) => {
+                    let _ = self.store.observe_clock(crate::catalog::max_clock(&v));
+                    Some(v)
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %p.name, "replication: refusing an operation with a malformed version: {e}");
+                    return AckOutcome::Failed {
+                        error: format!("a malformed version: {e}"),
+                        retry: false,
+                    };
+                }
+            },
+            None => None,
+        };
+        let r = self.apply_op_io(p, &op, ver.as_ref());
         match r {
             Ok(o) => o,
             Err(e) => {
@@ -2293,37 +2762,165 @@ impl Inner {
         }
     }
 
-    fn apply_op_io(&self, p: &Peer, op: &NsOp) -> io::Result<AckOutcome> {
+    /// Moves our object at `path` (a version the incoming one does not know) aside to its
+    /// conflict-copy name, records it, and queues it for every peer.
+    fn set_aside(&self, dir: BorrowedFd<'_>, name: &CStr, path: &RelPath) -> io::Result<RelPath> {
+        let ours = self
+            .entry(path.as_bytes())
+            .filter(|e| e.state.kind != Kind::Gone)
+            .ok_or_else(|| ioerr("nothing to set aside"))?;
+        let (copy, _) = conflict_target(dir, name, &ours.state.ver, None);
+        renameat(dir, name, dir, &copy)?;
+        fsync_dir(dir);
+        let copy_path = match path.split_last() {
+            Some((parent, _)) => parent
+                .join(OsStr::from_bytes(copy.to_bytes()))
+                .map_err(ioerr)?,
+            None => return Err(ioerr("the root cannot be set aside")),
+        };
+        let _ = self.store.rename_path(
+            Path::new(OsStr::from_bytes(path.as_bytes())),
+            Path::new(OsStr::from_bytes(copy_path.as_bytes())),
+        );
+        let sub = self.store.cat_subtree(path.as_bytes()).map_err(ioerr)?;
+        self.rename_entries(path.as_bytes(), copy_path.as_bytes(), &sub, &ours.state.ver)?;
+        self.note_conflict(path, &copy_path, &ours.state.ver);
+        if let Some(e) = self.entry(copy_path.as_bytes()) {
+            for j in 0..self.peers.len() {
+                let _ = self.push_entry(j, copy_path.as_bytes(), &e, true);
+            }
+        }
+        if let Some(a) = self.applied() {
+            a.renamed(path, &copy_path);
+        }
+        Ok(copy_path)
+    }
+
+    /// Whether our entry at `path` holds a version the incoming `ver` does not know.
+    fn unknown_to(&self, path: &RelPath, ver: Option<&Version>) -> bool {
+        let Some(v) = ver else { return false };
+        self.entry(path.as_bytes()).is_some_and(|e| {
+            e.state.kind != Kind::Gone && !crate::catalog::dominated(&e.state.ver.vv, &v.vv)
+        })
+    }
+
+    fn apply_op_io(&self, p: &Peer, op: &NsOp, ver: Option<&Version>) -> io::Result<AckOutcome> {
         let pb = |r: &RelPath| PathBuf::from(OsStr::from_bytes(r.as_bytes()));
         let applied = self.applied();
+        let i = self.index_of(p);
+        let fallback = || Version {
+            vv: Vec::new(),
+            origin: p.id,
+            origin_name: p.name.clone(),
+            time: now_secs(),
+            history: Vec::new(),
+            mclock: 0,
+            mpeer: p.id,
+        };
         match op {
             NsOp::Remove { path } => {
                 if path.is_root() {
                     // A no-op (a record the sender had nothing left to send for).
                     return Ok(AckOutcome::Applied);
                 }
+                let tomb = ver.cloned().unwrap_or_else(fallback);
+                let sub = self.store.cat_subtree(path.as_bytes()).map_err(ioerr)?;
+                // What the removal did not know (edits made here meanwhile) survives.
+                let kept: Vec<Vec<u8>> = match ver {
+                    Some(v) => sub
+                        .iter()
+                        .filter(|(_, e)| {
+                            matches!(e.state.kind, Kind::File | Kind::Symlink)
+                                && !crate::catalog::dominated(&e.state.ver.vv, &v.vv)
+                        })
+                        .map(|(p, _)| p.clone())
+                        .collect(),
+                    None => Vec::new(),
+                };
                 let Some((dir, name, st)) = self.existing(path)? else {
+                    self.tomb_entries(path.as_bytes(), &sub, &tomb)?;
                     return Ok(AckOutcome::Applied);
                 };
-                // An empty folder holds nothing to lose.
-                let removed_empty = is_kind(&st, libc::S_IFDIR)
-                    // SAFETY: unlinkat on our descriptor.
-                    && unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) } == 0;
-                if !removed_empty {
-                    self.trash(p, path)?;
+                if kept.is_empty() {
+                    // An empty folder holds nothing to lose.
+                    let removed_empty = is_kind(&st, libc::S_IFDIR)
+                        // SAFETY: unlinkat on our descriptor.
+                        && unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) } == 0;
+                    if !removed_empty {
+                        self.trash(p, path)?;
+                    }
+                    let _ = self.store.remove_tree(&pb(path));
+                    self.tomb_entries(path.as_bytes(), &sub, &tomb)?;
+                    if let Some(a) = applied {
+                        a.removed(path);
+                    }
+                    self.forward_op(i, path, op, ver);
+                    return Ok(AckOutcome::Applied);
                 }
-                let _ = self.store.remove_tree(&pb(path));
-                if let Some(a) = applied {
-                    a.removed(path);
+                // Remove what the removal knew, deepest first; keep the rest and send it back.
+                let mut gone_items = Vec::new();
+                for (sp, e) in sub.iter().rev() {
+                    if e.state.kind == Kind::Gone || kept.iter().any(|k| k == sp) {
+                        continue;
+                    }
+                    let Some(rel) = path_of_bytes(sp) else {
+                        continue;
+                    };
+                    let Some((d, n, s)) = self.existing(&rel)? else {
+                        continue;
+                    };
+                    if is_kind(&s, libc::S_IFDIR) {
+                        // SAFETY: unlinkat on our descriptor; a folder still holding kept
+                        // entries stays.
+                        if unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) }
+                            != 0
+                        {
+                            continue;
+                        }
+                    } else {
+                        self.trash(p, &rel)?;
+                    }
+                    let _ = self.store.remove_path(&pb(&rel));
+                    gone_items.push((sp.clone(), e.clone()));
+                    if let Some(a) = &applied {
+                        a.removed(&rel);
+                    }
                 }
+                for (sp, e) in &gone_items {
+                    self.tomb_entries(sp, std::slice::from_ref(&(sp.clone(), e.clone())), &tomb)?;
+                }
+                tracing::info!(path = %path, kept = kept.len(), "replication: a removal from a peer keeps what changed here meanwhile");
+                for k in &kept {
+                    if let Some(e) = self.entry(k) {
+                        let _ = self.push_entry(i, k, &e, false);
+                    }
+                }
+                let _ = self.store.flush();
                 Ok(AckOutcome::Applied)
             }
             NsOp::Mkdir { path, meta } => {
+                let ours = self.entry(path.as_bytes());
+                let theirs_ver = ver.cloned().unwrap_or_else(fallback);
+                if let Some(o) = &ours {
+                    if o.state.kind == Kind::Gone
+                        && ver.is_some()
+                        && crate::catalog::relate(&o.state.ver.vv, &theirs_ver.vv)
+                            == crate::catalog::Relation::After
+                    {
+                        // We removed it since: our removal goes back.
+                        self.push_back(p, path);
+                        return Ok(AckOutcome::Applied);
+                    }
+                }
                 let (dir, name) = open_parent(self.root(), path, true)?;
                 match lstat_at(dir.as_fd(), &name) {
                     Ok(st) if is_kind(&st, libc::S_IFDIR) => {}
                     Ok(_) => {
-                        self.trash(p, path)?;
+                        if self.unknown_to(path, ver) {
+                            self.set_aside(dir.as_fd(), &name, path)?;
+                        } else {
+                            self.trash(p, path)?;
+                        }
                         mkdirat(dir.as_fd(), &name, meta.mode)?;
                     }
                     Err(_) => mkdirat(dir.as_fd(), &name, meta.mode)?,
@@ -2334,36 +2931,137 @@ impl Inner {
                     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
                     0,
                 )?;
-                apply_meta(fd.as_fd(), meta, self.cfg.owners, false)?;
+                let theirs_meta = ours.as_ref().is_none_or(|o| {
+                    o.state.kind != Kind::Dir
+                        || (theirs_ver.mclock, theirs_ver.mpeer)
+                            >= (o.state.ver.mclock, o.state.ver.mpeer)
+                });
+                if theirs_meta {
+                    apply_meta(fd.as_fd(), meta, self.cfg.owners, false)?;
+                }
                 let _ = self.store.ensure_file_id(&pb(path));
+                let mode = fstat_fd(fd.as_fd())?.st_mode & 0o7777;
+                let mut state = EntryState {
+                    kind: Kind::Dir,
+                    hash: [0; 32],
+                    size: 0,
+                    mode,
+                    ver: theirs_ver.clone(),
+                };
+                if !theirs_meta {
+                    if let Some(o) = &ours {
+                        state.ver.mclock = o.state.ver.mclock;
+                        state.ver.mpeer = o.state.ver.mpeer;
+                    }
+                }
+                let known = ours
+                    .as_ref()
+                    .is_some_and(|o| o.state.kind == Kind::Dir && o.state.mode == mode);
+                self.record_remote(
+                    path.as_bytes(),
+                    state,
+                    ours.as_ref().map(|o| &o.state),
+                    None,
+                )?;
                 if let Some(a) = applied {
                     a.changed(path);
+                }
+                if !known {
+                    self.forward_op(i, path, op, ver);
                 }
                 Ok(AckOutcome::Applied)
             }
             NsOp::Symlink { path, target, meta } => {
                 let (dir, name) = open_parent(self.root(), path, true)?;
                 let ctarget = CString::new(target.0.clone()).map_err(ioerr)?;
-                match lstat_at(dir.as_fd(), &name) {
-                    Ok(st)
-                        if is_kind(&st, libc::S_IFLNK)
-                            && readlinkat(dir.as_fd(), &name).ok().as_deref()
-                                == Some(&target.0[..]) => {}
-                    Ok(_) => {
-                        self.trash(p, path)?;
+                let theirs = EntryState {
+                    kind: Kind::Symlink,
+                    hash: *blake3::hash(&target.0).as_bytes(),
+                    size: 0,
+                    mode: meta.mode & 0o7777,
+                    ver: ver.cloned().unwrap_or_else(fallback),
+                };
+                let (mut ours, mut unrecorded) = self.ours_view(path, dir.as_fd(), &name, None);
+                // A symlink's content is its target: compare it on the disk.
+                if let Ok(t) = readlinkat(dir.as_fd(), &name) {
+                    let h = *blake3::hash(&t).as_bytes();
+                    if let Some(o) = ours.as_mut().filter(|o| o.kind == Kind::Symlink) {
+                        if o.hash != h {
+                            o.hash = h;
+                            unrecorded = true;
+                        }
+                    }
+                }
+                let decision = if ver.is_some() {
+                    self.decide_incoming(ours.as_ref(), unrecorded, &theirs, None)
+                } else {
+                    Decision::Apply
+                };
+                let mut at = path.clone();
+                match decision {
+                    Decision::Same => {
+                        self.merge_seen(path.as_bytes(), &theirs.ver.vv)?;
+                        return Ok(AckOutcome::Applied);
+                    }
+                    Decision::Stale => {
+                        self.push_back(p, path);
+                        return Ok(AckOutcome::Applied);
+                    }
+                    Decision::OursLoses => {
+                        if lstat_at(dir.as_fd(), &name).is_ok() {
+                            self.set_aside(dir.as_fd(), &name, path)?;
+                        }
                         symlinkat(&ctarget, dir.as_fd(), &name)?;
                     }
-                    Err(_) => symlinkat(&ctarget, dir.as_fd(), &name)?,
+                    Decision::TheirsLoses => {
+                        let (copy, there) = conflict_target(dir.as_fd(), &name, &theirs.ver, None);
+                        at = match path.split_last() {
+                            Some((parent, _)) => parent
+                                .join(OsStr::from_bytes(copy.to_bytes()))
+                                .map_err(ioerr)?,
+                            None => return Ok(AckOutcome::Applied),
+                        };
+                        if !there {
+                            symlinkat(&ctarget, dir.as_fd(), &copy)?;
+                        }
+                        self.note_conflict(path, &at, &theirs.ver);
+                    }
+                    Decision::Apply => match lstat_at(dir.as_fd(), &name) {
+                        Ok(st)
+                            if is_kind(&st, libc::S_IFLNK)
+                                && readlinkat(dir.as_fd(), &name).ok().as_deref()
+                                    == Some(&target.0[..]) => {}
+                        Ok(_) => {
+                            self.trash(p, path)?;
+                            symlinkat(&ctarget, dir.as_fd(), &name)?;
+                        }
+                        Err(_) => symlinkat(&ctarget, dir.as_fd(), &name)?,
+                    },
                 }
+                let at_name = CString::new(
+                    at.file_name()
+                        .map(|n| n.as_bytes().to_vec())
+                        .unwrap_or_default(),
+                )
+                .map_err(ioerr)?;
                 if let Ok(fd) =
-                    openat2_beneath(dir.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                    openat2_beneath(dir.as_fd(), &at_name, libc::O_PATH | libc::O_NOFOLLOW, 0)
                 {
                     let _ = apply_meta(fd.as_fd(), meta, self.cfg.owners, true);
                 }
-                let _ = self.store.ensure_file_id(&pb(path));
-                if let Some(a) = applied {
-                    a.changed(path);
+                let _ = self.store.ensure_file_id(&pb(&at));
+                let merge_with = if at == *path { ours.as_ref() } else { None };
+                self.record_remote(at.as_bytes(), theirs, merge_with, None)?;
+                if at != *path {
+                    self.merge_seen(
+                        path.as_bytes(),
+                        &ver.map(|v| v.vv.clone()).unwrap_or_default(),
+                    )?;
                 }
+                if let Some(a) = applied {
+                    a.changed(&at);
+                }
+                self.forward(i, at.as_bytes());
                 Ok(AckOutcome::Applied)
             }
             NsOp::Link { existing, path } => {
@@ -2375,7 +3073,13 @@ impl Inner {
                     Ok(st) if st.st_ino == sst.st_ino && st.st_dev == sst.st_dev => {
                         return Ok(AckOutcome::Applied);
                     }
-                    Ok(_) => self.trash(p, path)?,
+                    Ok(_) => {
+                        if self.unknown_to(path, ver) {
+                            self.set_aside(dir.as_fd(), &name, path)?;
+                        } else {
+                            self.trash(p, path)?;
+                        }
+                    }
                     Err(_) => {}
                 }
                 // SAFETY: linkat between our descriptors, never following symlinks.
@@ -2392,10 +3096,21 @@ impl Inner {
                     return Err(io::Error::last_os_error());
                 }
                 let _ = self.store.ensure_file_id(&pb(path));
+                if let Some(src) = self
+                    .entry(existing.as_bytes())
+                    .filter(|e| e.state.kind == Kind::File)
+                {
+                    let state = EntryState {
+                        ver: ver.cloned().unwrap_or_else(fallback),
+                        ..src.state
+                    };
+                    self.record_remote(path.as_bytes(), state, None, src.stamp)?;
+                }
                 if let Some(a) = applied {
                     a.changed(path);
                     a.changed(existing);
                 }
+                self.forward_op(i, path, op, ver);
                 Ok(AckOutcome::Applied)
             }
             NsOp::Rename { from, to } => {
@@ -2404,8 +3119,32 @@ impl Inner {
                     // brings it up to date either way.
                     return Ok(AckOutcome::NeedContent { path: to.clone() });
                 };
+                if self.unknown_to(from, ver) {
+                    // Changed here meanwhile: our version stays at `from` (and goes back to
+                    // the sender); `to` gets the sender's content.
+                    tracing::info!(from = %from, to = %to, "replication: a rename from a peer keeps the version changed here meanwhile");
+                    self.push_back(p, from);
+                    return Ok(AckOutcome::NeedContent { path: to.clone() });
+                }
                 let (ddir, dname) = open_parent(self.root(), to, true)?;
-                let dst = lstat_at(ddir.as_fd(), &dname).ok();
+                let mut dst = lstat_at(ddir.as_fd(), &dname).ok();
+                if let Some(d) = &dst {
+                    let same = d.st_ino == sst.st_ino && d.st_dev == sst.st_dev;
+                    if !same && self.unknown_to(to, ver) {
+                        // The object the rename replaces there has changes the renamer did not
+                        // know: keep them as a conflict copy.
+                        self.set_aside(ddir.as_fd(), &dname, to)?;
+                        dst = None;
+                    }
+                }
+                let sub = self.store.cat_subtree(from.as_bytes()).map_err(ioerr)?;
+                let rver = match ver {
+                    Some(v) => v.clone(),
+                    None => sub
+                        .first()
+                        .map(|(_, e)| e.state.ver.clone())
+                        .unwrap_or_else(fallback),
+                };
                 let replaces_file = dst.as_ref().is_some_and(|d| {
                     let same = d.st_ino == sst.st_ino && d.st_dev == sst.st_dev;
                     let dirs = is_kind(d, libc::S_IFDIR) || is_kind(&sst, libc::S_IFDIR);
@@ -2418,9 +3157,11 @@ impl Inner {
                     fsync_dir(ddir.as_fd());
                     (self.trash)(self.root(), from, to, &p.name)?;
                     let _ = self.store.rename_path(&pb(from), &pb(to));
+                    self.rename_entries(from.as_bytes(), to.as_bytes(), &sub, &rver)?;
                     if let Some(a) = applied {
                         a.renamed(from, to);
                     }
+                    self.forward_op(i, to, op, ver);
                     return Ok(AckOutcome::Applied);
                 }
                 if let Some(dst) = dst {
@@ -2437,15 +3178,27 @@ impl Inner {
                 renameat(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
                 fsync_dir(ddir.as_fd());
                 let _ = self.store.rename_path(&pb(from), &pb(to));
+                self.rename_entries(from.as_bytes(), to.as_bytes(), &sub, &rver)?;
                 if let Some(a) = applied {
                     a.renamed(from, to);
                 }
+                self.forward_op(i, to, op, ver);
                 Ok(AckOutcome::Applied)
             }
             NsOp::SetMeta { path, meta } => {
                 let Some((dir, name, st)) = self.existing(path)? else {
                     return Ok(AckOutcome::Applied);
                 };
+                let ours = self
+                    .entry(path.as_bytes())
+                    .filter(|e| e.state.kind != Kind::Gone);
+                if let (Some(v), Some(o)) = (ver, &ours) {
+                    if (v.mclock, v.mpeer) < (o.state.ver.mclock, o.state.ver.mpeer) {
+                        // Ours were set later: they win (and go back).
+                        let _ = self.push_meta(i, path.as_bytes());
+                        return Ok(AckOutcome::Applied);
+                    }
+                }
                 if is_kind(&st, libc::S_IFLNK) {
                     let fd =
                         openat2_beneath(dir.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
@@ -2472,9 +3225,25 @@ impl Inner {
                         }
                     }
                 }
+                if let Some(mut o) = ours {
+                    if let Ok(nst) = lstat_at(dir.as_fd(), &name) {
+                        o.state.mode = nst.st_mode & 0o7777;
+                        if o.stamp.is_some_and(|s| s == stamp_of(&st)) {
+                            o.stamp = Some(stamp_of(&nst));
+                        }
+                    }
+                    if let Some(v) = ver {
+                        o.state.ver.mclock = v.mclock;
+                        o.state.ver.mpeer = v.mpeer;
+                    }
+                    self.store
+                        .cat_put(path.as_bytes(), Some(&o))
+                        .map_err(ioerr)?;
+                }
                 if let Some(a) = applied {
                     a.changed(path);
                 }
+                self.forward_op(i, path, op, ver);
                 Ok(AckOutcome::Applied)
             }
         }
@@ -2699,6 +3468,10 @@ fn copy_all(src: &File, dst: &File, len: u64) -> io::Result<()> {
 }
 
 fn fstat(f: &File) -> io::Result<libc::stat> {
+    fstat_fd(f.as_fd())
+}
+
+fn fstat_fd(f: BorrowedFd<'_>) -> io::Result<libc::stat> {
     // SAFETY: zeroed stat buffer filled by fstat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid descriptor and buffer.
@@ -2781,12 +3554,35 @@ fn fsync_dir(dir: BorrowedFd<'_>) {
     }
 }
 
-/// A conflict-copy name not taken in `dir` (" 2", " 3", ... before the extension when the
-/// minute's name is taken: an earlier conflict copy is never replaced).
-fn free_conflict_name(dir: BorrowedFd<'_>, name: &CStr, peer: &str) -> CString {
-    let first = conflict_name(name, peer);
+/// The conflict-copy name of version `loser` of `name` in `dir`: named from that version's
+/// origin and time, so every peer picks the same. `Ok((name, true))`: a file with that name
+/// and `content` is there already (the same copy arrived another way). Otherwise a name not
+/// taken (" 2", " 3", ... before the extension: an earlier conflict copy is never replaced).
+fn conflict_target(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    loser: &Version,
+    content: Option<&Hash>,
+) -> (CString, bool) {
+    let first = conflict_name(name, &loser.origin_name, loser.time.max(0) as u64);
+    let same = |n: &CStr| {
+        content.is_some_and(|h| {
+            openat2_beneath(
+                dir,
+                n,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
+                0,
+            )
+            .ok()
+            .and_then(|fd| Manifest::from_reader(io::BufReader::new(File::from(fd))).ok())
+            .is_some_and(|m| m.content_hash() == h)
+        })
+    };
     if lstat_at(dir, &first).is_err() {
-        return first;
+        return (first, false);
+    }
+    if same(&first) {
+        return (first, true);
     }
     let bytes = first.to_bytes();
     let (stem, ext) = match bytes.iter().rposition(|b| *b == b')') {
@@ -2800,24 +3596,23 @@ fn free_conflict_name(dir: BorrowedFd<'_>, name: &CStr, peer: &str) -> CString {
         v.truncate(255);
         if let Ok(c) = CString::new(v) {
             if lstat_at(dir, &c).is_err() {
-                return c;
+                return (c, false);
+            }
+            if same(&c) {
+                return (c, true);
             }
         }
     }
-    first
+    (first, false)
 }
 
 /// `report.docx` → `report (conflict peer-b 2026-11-21 10.32).docx`.
-pub fn conflict_name(name: &CStr, peer: &str) -> CString {
+pub fn conflict_name(name: &CStr, peer: &str, secs: u64) -> CString {
     let bytes = name.to_bytes();
     let (stem, ext) = match bytes.iter().rposition(|b| *b == b'.') {
         Some(i) if i > 0 => (&bytes[..i], &bytes[i..]),
         _ => (bytes, &b""[..]),
     };
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let stamp = utc_minutes(secs);
     let peer: String = peer
         .chars()
@@ -2858,11 +3653,12 @@ mod tests {
 
     #[test]
     fn conflict_names() {
-        let n = conflict_name(c"report.docx", "peer-b");
-        let s = n.to_str().expect("utf8");
-        assert!(s.starts_with("report (conflict peer-b "), "{s}");
-        assert!(s.ends_with(").docx"), "{s}");
-        let n = conflict_name(c"Makefile", "b");
+        let n = conflict_name(c"report.docx", "peer-b", 1_795_000_000);
+        assert_eq!(
+            n.to_str().expect("utf8"),
+            "report (conflict peer-b 2026-11-18 11.06).docx"
+        );
+        let n = conflict_name(c"Makefile", "b", 0);
         assert!(
             n.to_str()
                 .expect("utf8")

@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod beneath;
+pub mod catalog;
 pub mod chunk;
 pub mod delta;
 pub mod engine;

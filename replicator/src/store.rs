@@ -269,11 +269,15 @@ const K_ACKED: u8 = b'A'; // file, peer -> manifest the peer acked
 const K_SENT: u8 = b's'; // file, peer -> manifest last sent to the peer (acked or not)
 const K_PREV: u8 = b'p'; // FileId -> manifest of the version before the current one
 const K_HASH: u8 = b'H'; // content hash -> FileId that had it (current or previous version)
+const K_CAT: u8 = b'E'; // parent folder, 0, name -> CatEntry (reconciliation index)
+const K_DIG: u8 = b'D'; // folder -> DirSum of everything below it
+const K_PEERCONF: u8 = b'K'; // peer -> the peers its config lists (as it told us)
 
 // b'M': database-wide values.
 const META_NEXT_ID: &[u8] = b"Mnext_file_id";
 const META_NEXT_SENT: &[u8] = b"Mnext_sent";
 const META_SCHEMA: &[u8] = b"Mschema";
+const META_CLOCK: &[u8] = b"Mclock";
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = vec![prefix];
@@ -910,5 +914,218 @@ impl Store {
         b.put(queue_key(peer, seq), bytes.to_vec());
         self.kv.apply(b)?;
         self.kv.flush()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reconciliation index: every path's state and version, tombstones, and per-folder digests.
+
+/// One path's entry in the reconciliation index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatEntry {
+    pub state: peerfs_proto::msg::EntryState,
+    /// What the backing object looked like when this entry was recorded (files only).
+    pub stamp: Option<ScanStamp>,
+}
+
+/// The summary of a folder: XOR of the digests of every live entry below it, and how many
+/// files and bytes they hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirSum {
+    pub digest: [u8; 16],
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// `path`'s key in the index: its parent folder, a NUL (never in a name), its name. A
+/// folder's children are then one prefix scan, without its grandchildren.
+fn cat_key(path: &[u8]) -> Vec<u8> {
+    let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&b""[..], path),
+    };
+    key(K_CAT, &[parent, b"\0", name])
+}
+
+fn cat_path(k: &[u8]) -> Option<Vec<u8>> {
+    let body = k.get(1..)?;
+    let nul = body.iter().position(|b| *b == 0)?;
+    let (parent, name) = (&body[..nul], &body[nul + 1..]);
+    Some(if parent.is_empty() {
+        name.to_vec()
+    } else {
+        [parent, b"/", name].concat()
+    })
+}
+
+/// Every folder above `path`, the root (empty) first.
+fn ancestors(path: &[u8]) -> Vec<&[u8]> {
+    let mut out = vec![&path[..0]];
+    for (i, b) in path.iter().enumerate() {
+        if *b == b'/' {
+            out.push(&path[..i]);
+        }
+    }
+    out
+}
+
+impl Store {
+    /// The entry of `path` (live or tombstone).
+    pub fn cat_get(&self, path: &[u8]) -> Result<Option<CatEntry>> {
+        self.kv
+            .get(&cat_key(path))?
+            .map(|v| decode("index entry", &v))
+            .transpose()
+    }
+
+    /// Sets (or with `None` forgets) the entry of `path`, updating every folder summary above
+    /// it in the same atomic batch.
+    pub fn cat_put(&self, path: &[u8], entry: Option<&CatEntry>) -> Result<()> {
+        self.cat_put_many(&[(path.to_vec(), entry.cloned())])
+    }
+
+    /// [`Store::cat_put`] of several paths in one batch.
+    pub fn cat_put_many(&self, items: &[(Vec<u8>, Option<CatEntry>)]) -> Result<()> {
+        use peerfs_proto::msg::Kind;
+        let _g = self.lock();
+        let mut sums: BTreeMap<Vec<u8>, DirSum> = BTreeMap::new();
+        let mut b = Batch::default();
+        let mut written: BTreeMap<Vec<u8>, Option<CatEntry>> = BTreeMap::new();
+        for (path, entry) in items {
+            let old = match written.get(path) {
+                Some(e) => e.clone(),
+                None => self.cat_get(path)?,
+            };
+            let leaf = |e: &Option<CatEntry>| {
+                e.as_ref()
+                    .map(|e| crate::catalog::leaf_digest(path, &e.state))
+                    .unwrap_or([0; 16])
+            };
+            let (dl, dr) = (leaf(&old), leaf(entry));
+            let change = crate::catalog::xor(&dl, &dr);
+            let count = |e: &Option<CatEntry>| match e {
+                Some(e) if e.state.kind == Kind::File => (1i64, e.state.size as i64),
+                _ => (0, 0),
+            };
+            let ((of, ob), (nf, nb)) = (count(&old), count(entry));
+            if change != [0; 16] || of != nf || ob != nb {
+                for a in ancestors(path) {
+                    let sum = match sums.get(a) {
+                        Some(s) => *s,
+                        None => self.dir_sum(a)?,
+                    };
+                    let s = DirSum {
+                        digest: crate::catalog::xor(&sum.digest, &change),
+                        files: (sum.files as i64 + nf - of).max(0) as u64,
+                        bytes: (sum.bytes as i64 + nb - ob).max(0) as u64,
+                    };
+                    sums.insert(a.to_vec(), s);
+                }
+            }
+            match entry {
+                Some(e) => b.put(cat_key(path), encode(e)),
+                None => b.del(cat_key(path)),
+            }
+            written.insert(path.clone(), entry.clone());
+        }
+        for (dir, s) in sums {
+            b.put(key(K_DIG, &[&dir]), encode(&s));
+        }
+        self.kv.apply(b)
+    }
+
+    /// The summary of folder `dir` (empty: the root).
+    pub fn dir_sum(&self, dir: &[u8]) -> Result<DirSum> {
+        Ok(self
+            .kv
+            .get(&key(K_DIG, &[dir]))?
+            .map(|v| decode("folder summary", &v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// The entries directly in folder `dir` (live and tombstones), by name.
+    pub fn cat_children(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, CatEntry)>> {
+        let prefix = key(K_CAT, &[dir, b"\0"]);
+        let mut out = Vec::new();
+        for r in self.kv.scan_prefix(&prefix) {
+            let (k, v) = r?;
+            out.push((k[prefix.len()..].to_vec(), decode("index entry", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every entry at or below `path`, parents before children.
+    pub fn cat_subtree(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, CatEntry)>> {
+        let mut out = Vec::new();
+        if let Some(e) = self.cat_get(path)? {
+            out.push((path.to_vec(), e));
+        }
+        let mut i = 0;
+        while i < out.len() {
+            if out[i].1.state.kind == peerfs_proto::msg::Kind::Dir {
+                let dir = out[i].0.clone();
+                for (name, e) in self.cat_children(&dir)? {
+                    out.push(([&dir[..], b"/", &name[..]].concat(), e));
+                }
+            }
+            i += 1;
+        }
+        Ok(out)
+    }
+
+    /// Every entry of the index, in no particular order.
+    pub fn cat_all(&self) -> impl Iterator<Item = Result<(Vec<u8>, CatEntry)>> + '_ {
+        self.kv.scan_prefix(&[K_CAT]).map(|r| {
+            let (k, v) = r?;
+            let path = cat_path(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "index key",
+                detail: "no separator".into(),
+            })?;
+            Ok((path, decode("index entry", &v)?))
+        })
+    }
+
+    /// The next value of this server's Lamport clock.
+    pub fn next_clock(&self) -> Result<u64> {
+        let _g = self.lock();
+        let now = match self.kv.get(META_CLOCK)? {
+            Some(v) => decode_u64("clock", &v)?,
+            None => 0,
+        };
+        let mut b = Batch::default();
+        b.put(META_CLOCK.to_vec(), (now + 1).to_be_bytes().to_vec());
+        self.kv.apply(b)?;
+        Ok(now + 1)
+    }
+
+    /// Raises the clock to at least `seen` (every version received moves it).
+    pub fn observe_clock(&self, seen: u64) -> Result<()> {
+        let _g = self.lock();
+        let now = match self.kv.get(META_CLOCK)? {
+            Some(v) => decode_u64("clock", &v)?,
+            None => 0,
+        };
+        if seen > now {
+            let mut b = Batch::default();
+            b.put(META_CLOCK.to_vec(), seen.to_be_bytes().to_vec());
+            self.kv.apply(b)?;
+        }
+        Ok(())
+    }
+
+    /// Remembers which peers `peer`'s config lists.
+    pub fn set_peer_config(&self, peer: &PeerKey, configured: &[PeerKey]) -> Result<()> {
+        let mut b = Batch::default();
+        b.put(key(K_PEERCONF, &[peer]), encode(&configured.to_vec()));
+        self.kv.apply(b)
+    }
+
+    /// What [`Store::set_peer_config`] stored for `peer`.
+    pub fn peer_config(&self, peer: &PeerKey) -> Result<Option<Vec<PeerKey>>> {
+        self.kv
+            .get(&key(K_PEERCONF, &[peer]))?
+            .map(|v| decode("peer config", &v))
+            .transpose()
     }
 }

@@ -48,6 +48,8 @@ fn fixture() -> Fixture {
         std::fs::rename(src, dest)
     });
     let cfg = Config {
+        me_name: "b".into(),
+        filter: None,
         backing: backing.path().to_path_buf(),
         state: state.path().to_path_buf(),
         me: PeerId([1; 32]),
@@ -112,6 +114,7 @@ fn begin(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
         aligned: false,
         checked: false,
         side: false,
+        ver: None,
     }
 }
 
@@ -188,6 +191,7 @@ fn hostile_copies_and_oversized_data_are_refused() {
             aligned: false,
             checked: false,
             side: false,
+            ver: None,
         },
     );
     f.repl.on_message(
@@ -230,7 +234,12 @@ fn hostile_copies_and_oversized_data_are_refused() {
 #[test]
 fn operations_apply_in_order_and_a_missing_rename_source_asks_for_content() {
     let f = fixture();
-    let op = |epoch, seq, op| ReplMsg::Op { epoch, seq, op };
+    let op = |epoch, seq, op| ReplMsg::Op {
+        epoch,
+        seq,
+        op,
+        ver: None,
+    };
     f.repl.on_message(
         PEER,
         op(

@@ -1,0 +1,314 @@
+//! The reconciliation index's rules, free of I/O: version vectors, the digest of an entry,
+//! and the decision what to do when a peer's version of a path meets this server's.
+//!
+//! Every path of the tree has an [`EntryState`] (kind, content hash, mode, [`Version`]);
+//! deleted paths keep a tombstone (`Kind::Gone`) with the version that deleted them. The
+//! decision is a pure function of the two versions, so every peer that sees the same versions
+//! ends with the same tree, whatever order they arrive in:
+//!
+//! - identical content is never a conflict (the version vectors merge);
+//! - a version that descends from the other wins (its vector dominates, or the other's content
+//!   hash is in its history: ancestry by hash for peers that lost their index);
+//! - concurrent versions both survive: the one with the later (time, origin id, hash) keeps the
+//!   path, the other becomes `NAME (conflict ORIGIN DATE).EXT`, named from *its* version's
+//!   origin and time (never a local clock), so every peer picks the same name;
+//! - a deletion wins only over versions it knew (it dominates them); against a concurrent
+//!   edit the edit survives.
+
+use std::cmp::Ordering;
+
+use peerfs_proto::PeerId;
+use peerfs_proto::msg::{Digest, EntryState, Hash, Kind, MAX_HISTORY, Version};
+
+/// How two version vectors relate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relation {
+    Equal,
+    /// The first is older: the second knows everything it knows and more.
+    Before,
+    /// The first is newer.
+    After,
+    Concurrent,
+}
+
+/// Compares two sorted version vectors.
+pub fn relate(a: &[(PeerId, u64)], b: &[(PeerId, u64)]) -> Relation {
+    let (mut less, mut more) = (false, false);
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let (x, y) = match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) => match x.0.cmp(&y.0) {
+                Ordering::Equal => {
+                    i += 1;
+                    j += 1;
+                    (x.1, y.1)
+                }
+                Ordering::Less => {
+                    i += 1;
+                    (x.1, 0)
+                }
+                Ordering::Greater => {
+                    j += 1;
+                    (0, y.1)
+                }
+            },
+            (Some(x), None) => {
+                i += 1;
+                (x.1, 0)
+            }
+            (None, Some(y)) => {
+                j += 1;
+                (0, y.1)
+            }
+            (None, None) => break,
+        };
+        match x.cmp(&y) {
+            Ordering::Less => less = true,
+            Ordering::Greater => more = true,
+            Ordering::Equal => {}
+        }
+    }
+    match (less, more) {
+        (false, false) => Relation::Equal,
+        (true, false) => Relation::Before,
+        (false, true) => Relation::After,
+        (true, true) => Relation::Concurrent,
+    }
+}
+
+/// `a ≤ b`: every change `a` knows, `b` knows too.
+pub fn dominated(a: &[(PeerId, u64)], b: &[(PeerId, u64)]) -> bool {
+    matches!(relate(a, b), Relation::Equal | Relation::Before)
+}
+
+/// The element-wise maximum of two sorted vectors.
+pub fn merge(a: &[(PeerId, u64)], b: &[(PeerId, u64)]) -> Vec<(PeerId, u64)> {
+    let mut out: Vec<(PeerId, u64)> = Vec::with_capacity(a.len().max(b.len()));
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) => match x.0.cmp(&y.0) {
+                Ordering::Equal => {
+                    out.push((x.0, x.1.max(y.1)));
+                    i += 1;
+                    j += 1;
+                }
+                Ordering::Less => {
+                    out.push(*x);
+                    i += 1;
+                }
+                Ordering::Greater => {
+                    out.push(*y);
+                    j += 1;
+                }
+            },
+            (Some(x), None) => {
+                out.push(*x);
+                i += 1;
+            }
+            (None, Some(y)) => {
+                out.push(*y);
+                j += 1;
+            }
+            (None, None) => return out,
+        }
+    }
+}
+
+/// `vv` with `peer`'s counter set to `clock`.
+pub fn bump(vv: &[(PeerId, u64)], peer: PeerId, clock: u64) -> Vec<(PeerId, u64)> {
+    merge(vv, &[(peer, clock)])
+}
+
+/// The largest counter in a version (a Lamport clock never goes below it).
+pub fn max_clock(v: &Version) -> u64 {
+    v.vv.iter()
+        .map(|(_, c)| *c)
+        .max()
+        .unwrap_or(0)
+        .max(v.mclock)
+}
+
+/// `history` after a new version replaced content `old`: newest first, bounded.
+pub fn push_history(history: &[Hash], old: Hash) -> Vec<Hash> {
+    let mut h = Vec::with_capacity(MAX_HISTORY);
+    h.push(old);
+    h.extend(history.iter().copied().filter(|x| *x != old));
+    h.truncate(MAX_HISTORY);
+    h
+}
+
+/// Whether two states hold the same object (kind and content; versions aside).
+pub fn same_content(a: &EntryState, b: &EntryState) -> bool {
+    a.kind == b.kind && (a.kind == Kind::Dir || a.kind == Kind::Gone || a.hash == b.hash)
+}
+
+/// The digest of a live entry at `path` (tombstones count as nothing). Modes count by their
+/// permission bits only: receivers never set setuid/setgid.
+pub fn leaf_digest(path: &[u8], e: &EntryState) -> Digest {
+    if e.kind == Kind::Gone {
+        return [0; 16];
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&(path.len() as u64).to_le_bytes());
+    h.update(path);
+    h.update(&[e.kind as u8]);
+    if e.kind != Kind::Dir {
+        h.update(&e.hash);
+    }
+    h.update(&(e.mode & 0o777).to_le_bytes());
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    d
+}
+
+/// XOR of two digests (a folder's digest is the XOR of every entry below it: O(depth) updates).
+pub fn xor(a: &Digest, b: &Digest) -> Digest {
+    let mut o = [0u8; 16];
+    for i in 0..16 {
+        o[i] = a[i] ^ b[i];
+    }
+    o
+}
+
+/// What a receiver does with a peer's version of a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Take the incoming version.
+    Apply,
+    /// This server already has it (same content): merge the version vectors only.
+    Same,
+    /// This server's version is newer (the incoming one is an ancestor): keep ours.
+    Stale,
+    /// Concurrent, and the incoming version wins: ours becomes the conflict copy.
+    OursLoses,
+    /// Concurrent, and ours wins: the incoming version becomes the conflict copy.
+    TheirsLoses,
+}
+
+/// Which of two concurrent versions keeps the path: the later (time, origin, hash).
+pub fn theirs_wins(ours: &EntryState, theirs: &EntryState) -> bool {
+    (theirs.ver.time, theirs.ver.origin, theirs.hash) > (ours.ver.time, ours.ver.origin, ours.hash)
+}
+
+/// Decides between this server's state of a path (`None`: never heard of it) and a peer's.
+/// `base`: for a content transfer, the content hash the sender built its update from.
+pub fn decide(ours: Option<&EntryState>, theirs: &EntryState, base: Option<&Hash>) -> Decision {
+    let Some(ours) = ours else {
+        return if theirs.kind == Kind::Gone {
+            Decision::Same
+        } else {
+            Decision::Apply
+        };
+    };
+    if same_content(ours, theirs) {
+        return Decision::Same;
+    }
+    match relate(&ours.ver.vv, &theirs.ver.vv) {
+        Relation::Before => return Decision::Apply,
+        Relation::After => return Decision::Stale,
+        Relation::Equal | Relation::Concurrent => {}
+    }
+    // Vectors say concurrent (e.g. two trees that met with no shared history): ancestry by
+    // content hash — the sender edited exactly what we hold, or one's content is in the
+    // other's history.
+    let files = ours.kind == Kind::File && theirs.kind == Kind::File;
+    if files && (base == Some(&ours.hash) || theirs.ver.history.contains(&ours.hash)) {
+        return Decision::Apply;
+    }
+    if files && ours.ver.history.contains(&theirs.hash) {
+        return Decision::Stale;
+    }
+    // Deletion against an edit: the edit survives, on both sides.
+    match (ours.kind == Kind::Gone, theirs.kind == Kind::Gone) {
+        (true, false) => Decision::Apply,
+        (false, true) => Decision::Stale,
+        _ if ours.kind == Kind::Dir && theirs.kind == Kind::Dir => Decision::Same,
+        _ if theirs_wins(ours, theirs) => Decision::OursLoses,
+        _ => Decision::TheirsLoses,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(n: u8) -> PeerId {
+        PeerId([n; 32])
+    }
+
+    fn st(kind: Kind, hash: u8, vv: &[(u8, u64)], time: i64, origin: u8) -> EntryState {
+        EntryState {
+            kind,
+            hash: [hash; 32],
+            size: 1,
+            mode: 0o644,
+            ver: Version {
+                vv: vv.iter().map(|(q, c)| (p(*q), *c)).collect(),
+                origin: p(origin),
+                origin_name: format!("peer-{origin}"),
+                time,
+                history: Vec::new(),
+                mclock: 0,
+                mpeer: p(origin),
+            },
+        }
+    }
+
+    #[test]
+    fn relations() {
+        let a = [(p(1), 2), (p(2), 1)];
+        assert_eq!(relate(&a, &a), Relation::Equal);
+        assert_eq!(relate(&[(p(1), 1)], &a), Relation::Before);
+        assert_eq!(relate(&a, &[(p(1), 1)]), Relation::After);
+        assert_eq!(relate(&[(p(1), 3)], &a), Relation::Concurrent);
+        assert_eq!(relate(&[], &a), Relation::Before);
+        assert_eq!(merge(&[(p(1), 3)], &a), vec![(p(1), 3), (p(2), 1)]);
+    }
+
+    #[test]
+    fn decisions_are_symmetric() {
+        let a = st(Kind::File, 1, &[(1, 2)], 100, 1);
+        let b = st(Kind::File, 2, &[(2, 2)], 200, 2);
+        // Concurrent: the later one keeps the path on both sides.
+        assert_eq!(decide(Some(&a), &b, None), Decision::OursLoses);
+        assert_eq!(decide(Some(&b), &a, None), Decision::TheirsLoses);
+        // Descends.
+        let a2 = st(Kind::File, 3, &[(1, 3)], 50, 1);
+        assert_eq!(decide(Some(&a), &a2, None), Decision::Apply);
+        assert_eq!(decide(Some(&a2), &a, None), Decision::Stale);
+        // Same content.
+        let a3 = st(Kind::File, 1, &[(2, 9)], 50, 2);
+        assert_eq!(decide(Some(&a), &a3, None), Decision::Same);
+    }
+
+    #[test]
+    fn delete_versus_edit_keeps_the_edit() {
+        let gone = st(Kind::Gone, 0, &[(1, 2), (2, 1)], 100, 1);
+        let edit = st(Kind::File, 5, &[(2, 2)], 90, 2);
+        assert_eq!(decide(Some(&gone), &edit, None), Decision::Apply);
+        assert_eq!(decide(Some(&edit), &gone, None), Decision::Stale);
+        // A deletion that knew the version wins.
+        let old = st(Kind::File, 5, &[(2, 1)], 90, 2);
+        assert_eq!(decide(Some(&old), &gone, None), Decision::Apply);
+        assert_eq!(decide(Some(&gone), &old, None), Decision::Stale);
+    }
+
+    #[test]
+    fn ancestry_by_hash() {
+        let mut newer = st(Kind::File, 2, &[(1, 1)], 10, 1);
+        newer.ver.history = vec![[7; 32]];
+        let older = st(Kind::File, 7, &[(2, 1)], 5, 2);
+        assert_eq!(decide(Some(&older), &newer, None), Decision::Apply);
+        assert_eq!(decide(Some(&newer), &older, None), Decision::Stale);
+    }
+
+    #[test]
+    fn digests_ignore_versions_and_tombstones() {
+        let a = st(Kind::File, 1, &[(1, 2)], 100, 1);
+        let b = st(Kind::File, 1, &[(2, 7)], 5, 2);
+        assert_eq!(leaf_digest(b"x", &a), leaf_digest(b"x", &b));
+        assert_ne!(leaf_digest(b"x", &a), leaf_digest(b"y", &a));
+        assert_eq!(leaf_digest(b"x", &st(Kind::Gone, 0, &[], 0, 1)), [0u8; 16]);
+    }
+}

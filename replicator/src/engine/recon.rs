@@ -1,0 +1,890 @@
+//! Reconciliation: the start scan, the summary exchange when two peers (re)connect, and
+//! store-and-forward for peers that do not list each other (a relay, "peer parent").
+//!
+//! **Start scan.** Before the peers connect, every object of the backing folder is compared
+//! with the index (size, mtime, inode); a file that differs is re-hashed, and a new content
+//! becomes a new local version. Indexed paths no longer there become tombstones. Nothing is
+//! queued: the comparison with each peer below finds what they lack.
+//!
+//! **Comparing with a peer.** Each side sends [`ReplMsg::Summary`] (the digest of its whole
+//! tree) once its queue to the other is empty, so the records in flight are applied before the
+//! trees are compared. Equal digests end it (one small frame each way). Otherwise the side
+//! that sees the difference lists the root's children with their subtree digests
+//! ([`ReplMsg::List`]); each side descends only into folders whose digests differ, and for
+//! every differing name sends its state ([`ReplMsg::Have`]: kind, content hash, version).
+//! Seeing the other's state, each side queues its own version for the other exactly when the
+//! other would take it ([`crate::catalog::decide`] from the other's point of view): newer,
+//! concurrent (both are queued and both sides keep the same winner and conflict copy), or a
+//! tombstone that dominates. Transfers then use the ordinary stream. When a side's queue
+//! drains after a round it sends a new summary, until the digests agree (bounded rounds).
+//!
+//! **Relay.** A change applied from peer S is queued for every other peer P unless S and P
+//! list each other (they then exchange it directly); each peer tells the others whom its
+//! config lists in its summary. A change that changes nothing here is not forwarded, so
+//! nothing loops.
+
+use std::collections::{BTreeMap, HashSet};
+
+use peerfs_proto::msg::{Digest, ListItem, MAX_ITEMS};
+
+use super::versions::{gone, kind_of};
+use super::*;
+use crate::catalog::{decide, leaf_digest, max_clock, xor};
+use crate::store::CatEntry;
+
+/// Comparison rounds per connection that may queue something before giving up (a path that
+/// keeps differing is reported instead of looping).
+const MAX_ROUNDS: u64 = 8;
+/// Conflicts kept for `status`.
+const MAX_CONFLICT_NOTES: usize = 100;
+
+/// A conflict copy made here, for `status` and the log.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ConflictNote {
+    pub path: String,
+    pub copy: String,
+    /// The peer whose version became the copy, and when it was made (UTC minutes).
+    pub peer: String,
+    pub time: String,
+}
+
+/// What the start scan found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ScanReport {
+    pub files: u64,
+    pub changed: u64,
+    pub removed: u64,
+    pub ms: u64,
+}
+
+/// Reconciliation with one peer, for `status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncProgress {
+    /// `offline`, `comparing`, `syncing` or `in-sync`.
+    pub state: String,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub recv_files_done: u64,
+    pub recv_files_total: u64,
+    pub recv_bytes_done: u64,
+    pub recv_bytes_total: u64,
+    pub rounds: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Shared {
+    conflicts: Mutex<VecDeque<ConflictNote>>,
+    scan: Mutex<ScanReport>,
+}
+
+/// Per-peer reconciliation state (reset on every connection).
+#[derive(Default)]
+pub(super) struct PeerRecon {
+    /// Send a summary once the queue to this peer is empty.
+    want_summary: bool,
+    comparing: bool,
+    in_sync: bool,
+    rounds: u64,
+    lists_sent: HashSet<Vec<u8>>,
+    haves_sent: HashSet<Vec<u8>>,
+    /// A listing arriving in several frames.
+    partial: Option<(Vec<u8>, Vec<ListItem>)>,
+    files_total: u64,
+    bytes_total: u64,
+    acked_base: u64,
+    sent_base: u64,
+    recv_files_total: u64,
+    recv_bytes_total: u64,
+    recv_files_base: u64,
+    recv_bytes_base: u64,
+}
+
+impl Inner {
+    // --- connection life -------------------------------------------------------------------
+
+    /// A new connection to peer `i`: compare once its queue is empty.
+    pub(super) fn recon_connected(&self, p: &Peer, st: &mut PeerState) {
+        st.recon = PeerRecon {
+            want_summary: true,
+            files_total: self.store.len(&p.key).unwrap_or(0),
+            bytes_total: self.store.bytes_pending(&p.key).unwrap_or(0),
+            acked_base: p.counters.records_acked.load(Ordering::Relaxed),
+            sent_base: p.counters.content_bytes_sent.load(Ordering::Relaxed),
+            recv_files_base: p.counters.records_applied.load(Ordering::Relaxed),
+            recv_bytes_base: p.counters.content_bytes_received.load(Ordering::Relaxed),
+            ..PeerRecon::default()
+        };
+    }
+
+    /// Called by the sender when it has nothing to send: the summary, if one is due.
+    pub(super) fn maybe_summary(&self, p: &Peer) {
+        {
+            let mut st = p.state.lock();
+            if !st.connected || !st.inflight.is_empty() || !st.recon.want_summary {
+                return;
+            }
+            st.recon.want_summary = false;
+        }
+        self.send_summary(p, false);
+    }
+
+    fn send_summary(&self, p: &Peer, reply: bool) {
+        let sum = self.store.dir_sum(b"").unwrap_or_default();
+        let configured = self.cfg.peers.iter().map(|(id, _)| *id).collect();
+        self.transport.send(
+            p.id,
+            ReplMsg::Summary {
+                digest: sum.digest,
+                files: sum.files,
+                bytes: sum.bytes,
+                configured,
+                reply,
+            },
+            true,
+        );
+    }
+
+    pub(super) fn sync_progress(&self, p: &Peer, st: &PeerState, queue: u64) -> SyncProgress {
+        let r = &st.recon;
+        let acked = p
+            .counters
+            .records_acked
+            .load(Ordering::Relaxed)
+            .saturating_sub(r.acked_base);
+        let sent = p
+            .counters
+            .content_bytes_sent
+            .load(Ordering::Relaxed)
+            .saturating_sub(r.sent_base);
+        let applied = p
+            .counters
+            .records_applied
+            .load(Ordering::Relaxed)
+            .saturating_sub(r.recv_files_base);
+        let received = p
+            .counters
+            .content_bytes_received
+            .load(Ordering::Relaxed)
+            .saturating_sub(r.recv_bytes_base);
+        let state = if !st.connected {
+            "offline"
+        } else if queue > 0 {
+            "syncing"
+        } else if r.in_sync && !r.comparing {
+            "in-sync"
+        } else {
+            "comparing"
+        };
+        // Queue sizes count operations by an estimate: an empty queue means all of it is done.
+        let drained = st.connected && queue == 0;
+        let (acked, sent) = if drained {
+            (r.files_total, r.bytes_total)
+        } else {
+            (acked, sent)
+        };
+        let (applied, received) = if r.in_sync && drained {
+            (r.recv_files_total, r.recv_bytes_total)
+        } else {
+            (applied, received)
+        };
+        SyncProgress {
+            state: state.into(),
+            files_done: acked.min(r.files_total),
+            files_total: r.files_total,
+            bytes_done: sent.min(r.bytes_total),
+            bytes_total: r.bytes_total,
+            recv_files_done: applied.min(r.recv_files_total),
+            recv_files_total: r.recv_files_total,
+            recv_bytes_done: received.min(r.recv_bytes_total),
+            recv_bytes_total: r.recv_bytes_total,
+            rounds: r.rounds,
+        }
+    }
+
+    pub(super) fn conflicts(&self) -> Vec<ConflictNote> {
+        self.recon.conflicts.lock().iter().cloned().collect()
+    }
+
+    pub(super) fn scan_report(&self) -> ScanReport {
+        self.recon.scan.lock().clone()
+    }
+
+    pub(super) fn note_conflict(&self, path: &RelPath, copy: &RelPath, loser: &Version) {
+        tracing::warn!(path = %path, copy = %copy, peer = %loser.origin_name, "conflict: concurrent versions; the other is kept as a conflict copy");
+        let mut c = self.recon.conflicts.lock();
+        if c.len() >= MAX_CONFLICT_NOTES {
+            c.pop_front();
+        }
+        c.push_back(ConflictNote {
+            path: path.to_string(),
+            copy: copy.to_string(),
+            peer: loser.origin_name.clone(),
+            time: utc_minutes(loser.time.max(0) as u64),
+        });
+    }
+
+    // --- queueing for one peer ---------------------------------------------------------------
+
+    /// Appends a record to peer `i`'s queue only (not flushed: the caller flushes).
+    pub(super) fn enqueue_to(&self, i: usize, rec: NewRecord) -> io::Result<u64> {
+        let p = &self.peers[i];
+        let mark = p.state.lock().cursor;
+        let seq = self
+            .store
+            .enqueue_multi(&[(p.key, mark)], rec, false)
+            .map_err(ioerr)?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        p.wake.notify_all();
+        Ok(seq)
+    }
+
+    /// Queues for peer `i` what brings its `path` to this server's entry `e`; a folder the
+    /// peer lacks goes with everything below it. Returns (records, bytes) queued.
+    pub(super) fn push_entry(
+        &self,
+        i: usize,
+        path: &[u8],
+        e: &CatEntry,
+        whole_dir: bool,
+    ) -> io::Result<(u64, u64)> {
+        let Some(rel) = path_of_bytes(path) else {
+            return Ok((0, 0));
+        };
+        if e.state.kind == Kind::Gone {
+            let bytes = postcard::to_stdvec(&OpRecord {
+                op: NsOp::Remove { path: rel.clone() },
+                ver: Some(e.state.ver.clone()),
+            })
+            .map_err(ioerr)?;
+            self.enqueue_to(
+                i,
+                NewRecord {
+                    file: FileId(0),
+                    kind: RecordKind::Op(bytes),
+                    path: path.to_vec(),
+                    fence: None,
+                    bytes: 64,
+                },
+            )?;
+            return Ok((1, 0));
+        }
+        let entries = if whole_dir && e.state.kind == Kind::Dir {
+            self.store.cat_subtree(path).map_err(ioerr)?
+        } else {
+            vec![(path.to_vec(), e.clone())]
+        };
+        let (mut n, mut bytes) = (0, 0);
+        for (p, e) in entries {
+            if e.state.kind == Kind::Gone {
+                continue;
+            }
+            let id = self
+                .store
+                .ensure_file_id(Path::new(OsStr::from_bytes(&p)))
+                .map_err(ioerr)?;
+            let size = if e.state.kind == Kind::File {
+                e.state.size
+            } else {
+                0
+            };
+            self.enqueue_to(
+                i,
+                NewRecord {
+                    file: id,
+                    kind: RecordKind::Content,
+                    path: p,
+                    fence: None,
+                    bytes: size.max(64),
+                },
+            )?;
+            n += 1;
+            bytes += size;
+        }
+        Ok((n, bytes))
+    }
+
+    /// Queues this server's attributes of `path` for peer `i`.
+    pub(super) fn push_meta(&self, i: usize, path: &[u8]) -> io::Result<()> {
+        let id = self
+            .store
+            .ensure_file_id(Path::new(OsStr::from_bytes(path)))
+            .map_err(ioerr)?;
+        self.enqueue_to(
+            i,
+            NewRecord {
+                file: id,
+                kind: RecordKind::Meta,
+                path: path.to_vec(),
+                fence: None,
+                bytes: 128,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Whether peers `a` and `b` list each other (as far as we know): they then exchange
+    /// changes directly and this server does not relay between them.
+    fn mutual(&self, a: usize, b: usize) -> bool {
+        let lists = |x: usize, y: usize| {
+            self.store
+                .peer_config(&self.peers[x].key)
+                .ok()
+                .flatten()
+                .is_some_and(|c| c.contains(&self.peers[y].key))
+        };
+        lists(a, b) && lists(b, a)
+    }
+
+    /// Relays a change applied from peer `src` at `path` (this server's entry now) to the peers
+    /// that `src` does not exchange with directly.
+    pub(super) fn forward(&self, src: usize, path: &[u8]) {
+        for j in 0..self.peers.len() {
+            if j == src || self.mutual(src, j) {
+                continue;
+            }
+            let Some(e) = self.entry(path) else { continue };
+            if let Err(err) = self.push_entry(j, path, &e, false) {
+                tracing::warn!(peer = %self.peers[j].name, "replication: cannot relay a change: {err}");
+            }
+        }
+    }
+
+    /// Relays an applied operation record as is (a rename or link keeps its meaning).
+    pub(super) fn forward_op(&self, src: usize, path: &RelPath, op: &NsOp, ver: Option<&Version>) {
+        let targets: Vec<usize> = (0..self.peers.len())
+            .filter(|&j| j != src && !self.mutual(src, j))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let Ok(bytes) = postcard::to_stdvec(&OpRecord {
+            op: op.clone(),
+            ver: ver.cloned(),
+        }) else {
+            return;
+        };
+        for j in targets {
+            let r = self.enqueue_to(
+                j,
+                NewRecord {
+                    file: FileId(0),
+                    kind: RecordKind::Op(bytes.clone()),
+                    path: path.as_bytes().to_vec(),
+                    fence: None,
+                    bytes: 64,
+                },
+            );
+            if let Err(err) = r {
+                tracing::warn!(peer = %self.peers[j].name, "replication: cannot relay a change: {err}");
+            }
+        }
+    }
+
+    // --- the comparison -----------------------------------------------------------------------
+
+    /// A reconciliation message from peer `i` (on its receiver thread, in stream order).
+    pub(super) fn on_recon(&self, i: usize, msg: ReplMsg) {
+        let p = self.peers[i].clone();
+        let r = match msg {
+            ReplMsg::Summary {
+                digest,
+                configured,
+                reply,
+                ..
+            } => self.on_summary(&p, digest, configured, reply),
+            ReplMsg::List { dir, items, more } => self.on_list(i, &p, dir, items, more),
+            ReplMsg::Have { items } => self.on_have(i, &p, items),
+            ReplMsg::Plan { files, bytes } => {
+                let mut st = p.state.lock();
+                st.recon.recv_files_total = files;
+                st.recon.recv_bytes_total = bytes;
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(peer = %p.name, "reconciliation: {e}");
+        }
+    }
+
+    fn on_summary(
+        &self,
+        p: &Peer,
+        digest: Digest,
+        configured: Vec<PeerId>,
+        reply: bool,
+    ) -> io::Result<()> {
+        let conf: Vec<PeerKey> = configured.iter().take(1024).map(|c| c.0).collect();
+        self.store.set_peer_config(&p.key, &conf).map_err(ioerr)?;
+        if self.store.len(&p.key).unwrap_or(0) > 0 {
+            // Ours follows once our queue to it is empty; the comparison happens then.
+            p.state.lock().recon.want_summary = true;
+            return Ok(());
+        }
+        let mine = self.store.dir_sum(b"").map_err(ioerr)?;
+        let mut st = p.state.lock();
+        if mine.digest == digest {
+            st.recon.in_sync = true;
+            st.recon.comparing = false;
+            drop(st);
+            if !reply {
+                // Tell it we agree (it may have compared before its queue drained).
+                self.send_summary(p, true);
+            }
+            return Ok(());
+        }
+        st.recon.in_sync = false;
+        if st.recon.rounds >= MAX_ROUNDS {
+            if st.recon.comparing {
+                st.recon.comparing = false;
+                let msg = format!(
+                    "reconciliation with {} did not converge after {MAX_ROUNDS} rounds",
+                    p.name
+                );
+                tracing::error!("{msg}");
+                st.last_error = Some(msg);
+            }
+            return Ok(());
+        }
+        st.recon.rounds += 1;
+        st.recon.comparing = true;
+        st.recon.lists_sent.clear();
+        st.recon.haves_sent.clear();
+        st.recon.lists_sent.insert(Vec::new());
+        drop(st);
+        self.send_list(p, b"")
+    }
+
+    /// The live children of `dir` here, with their digests (a folder's includes its subtree).
+    fn children(&self, dir: &[u8]) -> io::Result<BTreeMap<Vec<u8>, (CatEntry, Digest)>> {
+        let mut out = BTreeMap::new();
+        for (name, e) in self.store.cat_children(dir).map_err(ioerr)? {
+            let path = join_bytes(dir, &name);
+            let mut d = leaf_digest(&path, &e.state);
+            if e.state.kind == Kind::Dir {
+                d = xor(&d, &self.store.dir_sum(&path).map_err(ioerr)?.digest);
+            }
+            out.insert(name, (e, d));
+        }
+        Ok(out)
+    }
+
+    fn send_list(&self, p: &Peer, dir: &[u8]) -> io::Result<()> {
+        let Some(rel) = path_of_bytes(dir) else {
+            return Ok(());
+        };
+        let items: Vec<ListItem> = self
+            .children(dir)?
+            .into_iter()
+            .filter(|(_, (e, _))| e.state.kind != Kind::Gone)
+            .map(|(name, (e, d))| ListItem {
+                name: ByteBuf(name),
+                dir: e.state.kind == Kind::Dir,
+                digest: d,
+            })
+            .collect();
+        let parts: Vec<&[ListItem]> = if items.is_empty() {
+            vec![&[][..]]
+        } else {
+            items.chunks(MAX_ITEMS).collect()
+        };
+        let n = parts.len();
+        for (k, part) in parts.into_iter().enumerate() {
+            self.transport.send(
+                p.id,
+                ReplMsg::List {
+                    dir: rel.clone(),
+                    items: part.to_vec(),
+                    more: k + 1 < n,
+                },
+                true,
+            );
+        }
+        Ok(())
+    }
+
+    fn on_list(
+        &self,
+        i: usize,
+        p: &Peer,
+        dir: RelPath,
+        items: Vec<ListItem>,
+        more: bool,
+    ) -> io::Result<()> {
+        if items.len() > MAX_ITEMS {
+            return Err(ioerr("a listing frame with too many entries"));
+        }
+        let dirb = dir.as_bytes().to_vec();
+        let theirs = {
+            let mut st = p.state.lock();
+            let partial = match st.recon.partial.take() {
+                Some((d, mut acc)) if d == dirb => {
+                    acc.extend(items);
+                    acc
+                }
+                _ => items,
+            };
+            if more {
+                if partial.len() > 4 * 1024 * 1024 {
+                    return Err(ioerr("a folder listing too large"));
+                }
+                st.recon.partial = Some((dirb, partial));
+                return Ok(());
+            }
+            st.recon.comparing = true;
+            st.recon.lists_sent.insert(dirb.clone());
+            partial
+        };
+        let theirs: BTreeMap<Vec<u8>, ListItem> = theirs
+            .into_iter()
+            .filter(|it| {
+                !it.name.0.is_empty()
+                    && !it.name.0.contains(&b'/')
+                    && !it.name.0.contains(&0)
+                    && it.name.0 != b"."
+                    && it.name.0 != b".."
+            })
+            .map(|it| (it.name.0.clone(), it))
+            .collect();
+        let mine = self.children(&dirb)?;
+        let mut names: Vec<&Vec<u8>> = theirs.keys().chain(mine.keys()).collect();
+        names.sort();
+        names.dedup();
+        let mut haves = Vec::new();
+        let mut lists = Vec::new();
+        for name in names {
+            let path = join_bytes(&dirb, name);
+            let t = theirs.get(name);
+            let m = mine.get(name).filter(|(e, _)| e.state.kind != Kind::Gone);
+            match (m, t) {
+                (Some((_, dm)), Some(t)) if *dm == t.digest => {}
+                (Some((e, _)), Some(t)) if e.state.kind == Kind::Dir && t.dir => lists.push(path),
+                _ => haves.push(path),
+            }
+        }
+        for path in lists {
+            let fresh = p.state.lock().recon.lists_sent.insert(path.clone());
+            if fresh {
+                self.send_list(p, &path)?;
+            }
+        }
+        self.send_haves(p, haves)?;
+        let _ = i;
+        Ok(())
+    }
+
+    /// Sends this server's state of `paths` (those not sent in this round yet).
+    fn send_haves(&self, p: &Peer, paths: Vec<Vec<u8>>) -> io::Result<()> {
+        let mut items = Vec::new();
+        for path in paths {
+            if !p.state.lock().recon.haves_sent.insert(path.clone()) {
+                continue;
+            }
+            let Some(rel) = path_of_bytes(&path) else {
+                continue;
+            };
+            items.push((rel, self.entry(&path).map(|e| e.state)));
+            if items.len() == MAX_ITEMS {
+                self.transport.send(
+                    p.id,
+                    ReplMsg::Have {
+                        items: std::mem::take(&mut items),
+                    },
+                    true,
+                );
+            }
+        }
+        if !items.is_empty() {
+            self.transport.send(p.id, ReplMsg::Have { items }, true);
+        }
+        Ok(())
+    }
+
+    fn on_have(
+        &self,
+        i: usize,
+        p: &Peer,
+        items: Vec<(RelPath, Option<EntryState>)>,
+    ) -> io::Result<()> {
+        if items.len() > MAX_ITEMS {
+            return Err(ioerr("a state frame with too many entries"));
+        }
+        let mut reply = Vec::new();
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for (path, theirs) in items {
+            if path.is_root() {
+                continue;
+            }
+            if let Some(t) = &theirs {
+                if let Err(e) = t.ver.validate() {
+                    tracing::warn!(peer = %p.name, path = %path, "reconciliation: refusing a state: {e}");
+                    continue;
+                }
+                let _ = self.store.observe_clock(max_clock(&t.ver));
+            }
+            let pb = path.as_bytes().to_vec();
+            let ours = self.entry(&pb);
+            let same = match (&ours, &theirs) {
+                (None, None) => true,
+                (Some(o), Some(t)) => o.state == *t,
+                (Some(o), None) => o.state.kind == Kind::Gone,
+                (None, Some(t)) => t.kind == Kind::Gone,
+            };
+            if !same {
+                reply.push(pb.clone());
+            }
+            let Some(o) = ours else { continue };
+            let (n, b) = self.reconcile_path(i, &pb, &o, theirs.as_ref())?;
+            files += n;
+            bytes += b;
+        }
+        self.send_haves(p, reply)?;
+        if files > 0 {
+            self.store.flush().map_err(ioerr)?;
+            let (ft, bt) = {
+                let mut st = p.state.lock();
+                st.recon.files_total += files;
+                st.recon.bytes_total += bytes;
+                st.recon.want_summary = true;
+                st.recon.in_sync = false;
+                (st.recon.files_total, st.recon.bytes_total)
+            };
+            self.transport.send(
+                p.id,
+                ReplMsg::Plan {
+                    files: ft,
+                    bytes: bt,
+                },
+                true,
+            );
+            p.wake.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Queues our version of `path` for peer `i` when it would take it.
+    fn reconcile_path(
+        &self,
+        i: usize,
+        path: &[u8],
+        ours: &CatEntry,
+        theirs: Option<&EntryState>,
+    ) -> io::Result<(u64, u64)> {
+        let Some(t) = theirs else {
+            if ours.state.kind == Kind::Gone {
+                return Ok((0, 0));
+            }
+            return self.push_entry(i, path, ours, true);
+        };
+        if t.kind != Kind::Gone
+            && ours.state.kind != Kind::Gone
+            && crate::catalog::same_content(t, &ours.state)
+        {
+            // Same object: versions merge; attributes go the way of the later change.
+            self.merge_seen(path, &t.ver.vv)?;
+            let newer_meta =
+                (ours.state.ver.mclock, ours.state.ver.mpeer) > (t.ver.mclock, t.ver.mpeer);
+            if ours.state.mode & 0o777 != t.mode & 0o777 && newer_meta {
+                self.push_meta(i, path)?;
+                return Ok((1, 0));
+            }
+            return Ok((0, 0));
+        }
+        // Would the peer take ours? (Its view: its state is "ours", ours is "theirs".)
+        match decide(Some(t), &ours.state, None) {
+            Decision::Apply | Decision::OursLoses | Decision::TheirsLoses => {
+                let whole = t.kind != Kind::Dir;
+                self.push_entry(i, path, ours, whole)
+            }
+            Decision::Same | Decision::Stale => Ok((0, 0)),
+        }
+    }
+
+    // --- the start scan ---------------------------------------------------------------------
+
+    /// Compares the backing folder with the index and records what changed while peerfs was
+    /// not running.
+    pub(super) fn start_scan(&self) {
+        let started = Instant::now();
+        let mut report = ScanReport::default();
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+        while let Some(dir) = stack.pop() {
+            let full = self.cfg.backing.join(OsStr::from_bytes(&dir));
+            let rd = match std::fs::read_dir(&full) {
+                Ok(rd) => rd,
+                Err(e) => {
+                    tracing::warn!(dir = %full.display(), "start scan: cannot read: {e}");
+                    // Unreadable: keep what the index says below it.
+                    let prefix = dir.clone();
+                    for (p, _) in self.store.cat_subtree(&prefix).unwrap_or_default() {
+                        seen.insert(p);
+                    }
+                    continue;
+                }
+            };
+            for ent in rd.flatten() {
+                let name = ent.file_name();
+                let nb = name.as_bytes();
+                if nb.starts_with(TMP_PREFIX.as_bytes()) {
+                    continue;
+                }
+                let path = join_bytes(&dir, nb);
+                let Some(rel) = path_of_bytes(&path) else {
+                    continue;
+                };
+                if self.cfg.filter.as_ref().is_some_and(|f| !f(&rel)) {
+                    continue;
+                }
+                match self.scan_one(&rel, &mut report) {
+                    Ok(Some(Kind::Dir)) => {
+                        seen.insert(path.clone());
+                        stack.push(path);
+                    }
+                    Ok(Some(_)) => {
+                        seen.insert(path);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(path = %rel, "start scan: {e}");
+                        seen.insert(path);
+                    }
+                }
+            }
+        }
+        // Indexed objects no longer there were removed behind the drive's back.
+        let mut gone_paths = Vec::new();
+        for r in self.store.cat_all() {
+            match r {
+                Ok((p, e)) if e.state.kind != Kind::Gone && !seen.contains(&p) => {
+                    gone_paths.push((p, e))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("start scan: unreadable index entry: {e}"),
+            }
+        }
+        for (p, e) in gone_paths {
+            let r = self.store.next_clock().map_err(ioerr).and_then(|clock| {
+                let mut v = e.state.ver.clone();
+                v.vv = crate::catalog::bump(&v.vv, self.cfg.me, clock);
+                v.origin = self.cfg.me;
+                v.origin_name = self.cfg.me_name.clone();
+                v.time = now_secs();
+                self.store
+                    .cat_put(
+                        &p,
+                        Some(&CatEntry {
+                            state: gone(v),
+                            stamp: None,
+                        }),
+                    )
+                    .map_err(ioerr)
+            });
+            match r {
+                Ok(()) => report.removed += 1,
+                Err(err) => tracing::warn!("start scan: cannot record a removal: {err}"),
+            }
+            let _ = self.store.remove_path(Path::new(OsStr::from_bytes(&p)));
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::warn!("start scan: cannot flush the index: {e}");
+        }
+        report.ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            files = report.files,
+            changed = report.changed,
+            removed = report.removed,
+            ms = report.ms,
+            "start scan done"
+        );
+        *self.recon.scan.lock() = report;
+    }
+
+    /// Scans one object; returns its kind (`None`: not replicated, e.g. a FIFO).
+    fn scan_one(&self, rel: &RelPath, report: &mut ScanReport) -> io::Result<Option<Kind>> {
+        let (dir, name) = open_parent(self.root(), rel, false)?;
+        let st = lstat_at(dir.as_fd(), &name)?;
+        let Some(kind) = kind_of(&st) else {
+            return Ok(None);
+        };
+        let mode = st.st_mode & 0o7777;
+        let changed = match kind {
+            Kind::File => {
+                report.files += 1;
+                let stamp = stamp_of(&st);
+                let known = self
+                    .entry(rel.as_bytes())
+                    .filter(|e| e.state.kind == Kind::File && e.stamp == Some(stamp));
+                if let Some(e) = known {
+                    if e.state.mode & 0o7777 != mode {
+                        self.record_local_meta(rel.as_bytes())?;
+                        true
+                    } else {
+                        false
+                    }
+                } else {
+                    let file = File::from(openat2_beneath(
+                        dir.as_fd(),
+                        &name,
+                        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
+                        0,
+                    )?);
+                    let m = Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, &file))?;
+                    let id = self
+                        .store
+                        .ensure_file_id(Path::new(OsStr::from_bytes(rel.as_bytes())))
+                        .map_err(ioerr)?;
+                    self.record_content(id, &m, stamp)?;
+                    self.record_local(
+                        rel.as_bytes(),
+                        Kind::File,
+                        *m.content_hash(),
+                        m.size(),
+                        mode,
+                        Some(stamp),
+                        st.st_mtime,
+                    )?
+                }
+            }
+            Kind::Dir => self.record_local(
+                rel.as_bytes(),
+                Kind::Dir,
+                [0; 32],
+                0,
+                mode,
+                None,
+                now_secs(),
+            )?,
+            Kind::Symlink => {
+                let target = readlinkat(dir.as_fd(), &name)?;
+                self.record_local(
+                    rel.as_bytes(),
+                    Kind::Symlink,
+                    *blake3::hash(&target).as_bytes(),
+                    0,
+                    mode,
+                    None,
+                    st.st_mtime,
+                )?
+            }
+            Kind::Gone => false,
+        };
+        if changed {
+            report.changed += 1;
+        }
+        Ok(Some(kind))
+    }
+}
+
+/// `dir/name` (`name` alone at the root).
+pub(super) fn join_bytes(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        name.to_vec()
+    } else {
+        [dir, b"/", name].concat()
+    }
+}
