@@ -7,6 +7,14 @@
 //! everything that happens asynchronously (a lock's release after the last close and its
 //! linger, a dead peer's locks expiring after the grace period) is waited for with
 //! [`wait_until`], bounded, never with a fixed sleep.
+//!
+//! For reconciliation tests: [`PeersOptions::links`] chooses which pairs know each other (a
+//! relay topology; [`Peers::set_links`] / [`Peers::relink`] re-point them later),
+//! [`PeersOptions::seed`] fills one peer's backing folder before its first start,
+//! [`Peers::launch`] starts a daemon without waiting for any connection, and
+//! [`Peers::wait_trees_equal`] waits until several peers' backing folders hold the same
+//! [`Tree`] (names, kinds, permission bits, content, symlink targets), printing a diff of the
+//! trees and every log when they do not.
 
 use std::fmt::Write as _;
 use std::io::Read as _;
@@ -644,34 +652,37 @@ impl Peers {
     /// connected.
     #[track_caller]
     pub fn wait_connected(&self) {
+        self.poll_connected(CONNECT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+    }
+
+    /// What [`Peers::wait_connected`] waits for, bounded by `timeout`; `Err` (without the
+    /// logs) on timeout instead of a panic.
+    pub fn poll_connected(&self, timeout: Duration) -> Result<(), String> {
         let insiders: Vec<usize> = (0..self.len())
             .filter(|&i| self.opts.outsider(i).is_none() && self.running[i])
             .collect();
         let this = self;
-        this.wait_until(
-            "all peers report each other connected",
-            CONNECT_TIMEOUT,
-            || {
-                let mut missing = Vec::new();
-                for &i in &insiders {
-                    let states = this.peer_states(i)?;
-                    for &j in &insiders {
-                        if !this.linked(i, j) {
-                            continue;
-                        }
-                        let s = states.iter().find(|s| s.name == this.peers[j].name);
-                        if !s.is_some_and(|s| s.connected) {
-                            missing.push(format!("{} -> {}: {s:?}", this.name(i), this.name(j)));
-                        }
+        poll_until("all peers report each other connected", timeout, || {
+            let mut missing = Vec::new();
+            for &i in &insiders {
+                let states = this.peer_states(i)?;
+                for &j in &insiders {
+                    if !this.linked(i, j) {
+                        continue;
+                    }
+                    let s = states.iter().find(|s| s.name == this.peers[j].name);
+                    if !s.is_some_and(|s| s.connected) {
+                        missing.push(format!("{} -> {}: {s:?}", this.name(i), this.name(j)));
                     }
                 }
-                if missing.is_empty() {
-                    Ok(())
-                } else {
-                    Err(missing.join("; "))
-                }
-            },
-        );
+            }
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(missing.join("; "))
+            }
+        })
     }
 
     /// Kills peer `i`'s daemon with SIGKILL (its mount is left dead, as after a crash).
