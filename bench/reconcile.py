@@ -278,17 +278,20 @@ class Peer:
 
     def ask(self, cmd):
         """One request on the control socket; the response's JSON."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(self.socket)
-            s.sendall(json.dumps({"v": 1, "cmd": cmd}).encode() + b"\n")
-            data = bytearray()
-            while True:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                data += chunk
-        resp = json.loads(data)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(self.socket)
+                s.sendall(json.dumps({"v": 1, "cmd": cmd}).encode() + b"\n")
+                data = bytearray()
+                while True:
+                    chunk = s.recv(1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+            resp = json.loads(data)
+        except (OSError, ValueError) as e:
+            raise BenchError(f"{self.name}'s control socket {self.socket}: {e}") from e
         if not resp.get("ok"):
             raise BenchError(f"{self.name}'s daemon refused {cmd}: {resp.get('error')}")
         return resp
