@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reconciliation benchmark: what bringing two trees together costs on the wire and in time,
 # for peerfs and, side by side in the same run, for rsync (Debian's rsync, `rsync -a --stats`
-# to an rsync daemon). All on loopback, with real release daemons (`peerfs mount --daemon`):
+# to an rsync daemon). All on loopback, with real release peers (`peerfs mount` in the
+# foreground as children of reconcile.py: `--daemon` gives up after 30 s, shorter than a first
+# start scan of 100,000 files):
 #   (1) initial sync: 10,000 files of 1 KiB in 100 folders put in A's backing folder before A
 #       starts (its start scan indexes them), B starts empty; until B's backing tree equals
 #       A's; rsync copies the same tree into an empty folder
