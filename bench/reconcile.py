@@ -5,7 +5,8 @@ Subcommands:
   ports N             print N free TCP ports on 127.0.0.1 (one line, space-separated)
   measure [options]   set up peers A and B under DIR/initial and DIR/reconnect (identities
                       from `peerfs init`, configs on loopback ports), start and stop them with
-                      `peerfs mount --daemon` / `peerfs unmount`, and measure, side by side
+                      `peerfs mount` (foreground child processes) / `peerfs unmount`, and
+                      measure, side by side
                       with rsync (a daemon module at --rsync-url serving DIR/rsync/dst):
                         (1) initial sync of a tree that only A has;
                         (2) reconnection after one changed file in a tree both have, (a) B
@@ -38,6 +39,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 KiB = 1 << 10
@@ -224,6 +226,7 @@ class Peer:
         self.id = None
         self.port = None
         self.up = False
+        self.proc = None
 
     def fresh(self, keep_backing):
         """A new identity and state (nothing known of any earlier run); an empty backing
@@ -255,16 +258,31 @@ class Peer:
                     f'address = "127.0.0.1:{other.port}"\n')
 
     def mount(self):
-        """`peerfs mount --daemon`; returns its wall time (it returns once the drive is up)."""
+        """`peerfs mount` in the foreground (its log appended to STATE/peerfs.log), as a child
+        process; returns the seconds until the drive is mounted and the control socket
+        answers. Not `--daemon`: its parent gives up after 30 s, and a first start scan of a
+        large tree takes longer."""
         t0 = time.time()
-        self.up = True  # from here on, the cleanup tries to unmount
-        r = subprocess.run([self.peerfs, "mount", "--config", self.config, "--daemon"],
-                           capture_output=True, text=True, timeout=600, check=False)
-        if r.returncode != 0:
-            self.up = os.path.ismount(self.mnt)
-            raise BenchError(f"peerfs mount of {self.name} exited {r.returncode}: "
-                             f"{r.stderr.strip()} (log {self.log})")
-        return time.time() - t0
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.peerfs, "mount", "--config", self.config], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, start_new_session=True)
+        self.up = True  # from here on, the cleanup unmounts
+        deadline = t0 + 1800
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                self.up = os.path.ismount(self.mnt)
+                raise BenchError(f"peerfs mount of {self.name} exited {code} (log {self.log})")
+            if os.path.ismount(self.mnt):
+                try:
+                    if self.ask("status", timeout=1).get("status", {}).get("mounted"):
+                        return time.time() - t0
+                except BenchError:
+                    pass
+            if time.time() > deadline:
+                raise BenchError(f"{self.name} not mounted {deadline - t0:.0f} s after its start")
+            time.sleep(0.01)
 
     def unmount(self):
         if not self.up:
@@ -274,21 +292,30 @@ class Peer:
         if r.returncode != 0:
             raise BenchError(f"peerfs unmount {self.mnt} exited {r.returncode}: "
                              f"{r.stderr.strip()}")
+        if self.proc is not None:
+            code = self.proc.wait(timeout=60)
+            self.proc = None
+            if code != 0:
+                raise BenchError(f"{self.name}'s peerfs mount exited {code} after the unmount "
+                                 f"(log {self.log})")
         self.up = False
 
-    def ask(self, cmd):
+    def ask(self, cmd, timeout=10):
         """One request on the control socket; the response's JSON."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(self.socket)
-            s.sendall(json.dumps({"v": 1, "cmd": cmd}).encode() + b"\n")
-            data = bytearray()
-            while True:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                data += chunk
-        resp = json.loads(data)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(self.socket)
+                s.sendall(json.dumps({"v": 1, "cmd": cmd}).encode() + b"\n")
+                data = bytearray()
+                while True:
+                    chunk = s.recv(1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+            resp = json.loads(data)
+        except (OSError, ValueError) as e:
+            raise BenchError(f"{self.name}'s control socket {self.socket}: {e}") from e
         if not resp.get("ok"):
             raise BenchError(f"{self.name}'s daemon refused {cmd}: {resp.get('error')}")
         return resp
@@ -640,10 +667,10 @@ class Bench:
             # measurement is the reconnection, not a lock release.
             time.sleep(1.5)
         c0 = up.wire(down)
-        old = stat_key(b_path)
         t0 = time.time()
+        watch = Watch(b_path, data, t0 + args.timeout)
         mount_s = down.mount()
-        t_done, seen_at = self.wait_change(pair, b_path, old, data, t0 + args.timeout)
+        t_done, seen_at = self.wait_change(pair, watch, t0 + args.timeout)
         t_conn = down.connected_at(t0)
         t_settled = pair.settle(args.timeout if t_done else 5)
         c1 = up.wire(down)
@@ -669,31 +696,23 @@ class Bench:
                  f"{who}'s mount took {mount_s:.2f} s); {fmt_int(c1['wire'] - c0['wire'])} B "
                  f"on the wire; {who}'s scan {scan}")
 
-    def wait_change(self, pair, b_path, old, data, deadline):
-        """Polls B's backing file (every 2 ms) until it holds `data`, then B's status until it
-        reports A in sync. Returns (wall time both were first seen, time the file was first
-        seen), None for what was not seen by the deadline."""
-        seen_at = None
+    def wait_change(self, pair, watch, deadline):
+        """Waits for the watcher to see the new content on B, then polls B's status (every
+        10 ms) until it reports A in sync. Returns (wall time both were first seen, time the
+        file was first seen), None for what was not seen by the deadline."""
+        watch.thread.join()
+        if watch.seen_at is None:
+            return None, None
         while True:
             t = time.time()
-            if seen_at is None:
-                key = stat_key(b_path)
-                if key is not None and key != old:
-                    old = key
-                    try:
-                        if read(b_path) == data:
-                            seen_at = t
-                    except FileNotFoundError:
-                        pass
-            if seen_at is not None:
-                try:
-                    if in_sync(pair.b.link(pair.a)):
-                        return t, seen_at
-                except (OSError, BenchError):
-                    pass  # B's control socket is not up yet
+            try:
+                if in_sync(pair.b.link(pair.a)):
+                    return max(t, watch.seen_at), watch.seen_at
+            except BenchError:
+                pass  # B's control socket is not up yet
             if t > deadline:
-                return None, seen_at
-            time.sleep(0.002 if seen_at is None else 0.01)
+                return None, watch.seen_at
+            time.sleep(0.01)
 
     def reconnect_rsync(self, src, dst, name, rng, rep):
         case = "rsync_one"
@@ -711,6 +730,34 @@ class Bench:
         self.sample(case, "rsync_literal", r["literal"])
         progress(f"  rsync  one changed file rep {rep}: {fmt_int(r['bytes'])} B, "
                  f"{r['s']:.2f} s")
+
+
+class Watch:
+    """Polls B's backing file every 2 ms on its own thread, from before the restarted peer's
+    mount (which returns only after its start scan), until it holds `data`."""
+
+    def __init__(self, path, data, deadline):
+        self.path, self.data, self.deadline = path, data, deadline
+        self.seen_at = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        old = stat_key(self.path)
+        while True:
+            t = time.time()
+            key = stat_key(self.path)
+            if key is not None and key != old:
+                old = key
+                try:
+                    if read(self.path) == self.data:
+                        self.seen_at = t
+                        return
+                except FileNotFoundError:
+                    pass
+            if t > self.deadline:
+                return
+            time.sleep(0.002)
 
 
 def stat_key(path):
@@ -841,17 +888,17 @@ def report(bench, pressure):
     extra = []
     mp = median(get("initial", "peerfs_from_mount_s"))
     if mp is not None:
-        extra.append(f"(1) from the start of B's `peerfs mount --daemon` to the whole tree on B: "
+        extra.append(f"(1) from the start of B's `peerfs mount` to the whole tree on B: "
                      f"{fmt_s(mp)} s (B's mount itself {fmt_s(median(get('initial', 'mount_b_s')))}"
-                     f" s; A's {fmt_s(median(get('initial', 'mount_a_s')))} s, start scan "
-                     f"included if it runs before the mount returns); until both report in sync:"
+                     f" s; A's {fmt_s(median(get('initial', 'mount_a_s')))} s, its start scan "
+                     f"included); until both report in sync:"
                      f" {fmt_s(median(get('initial', 'peerfs_settled_s')))} s after B "
                      f"connected; content bytes {fmt_int(median(get('initial', 'peerfs_content')))}"
                      f"; rsync followed by sync(1): "
                      f"{fmt_s(median(get('initial', 'rsync_sync_s')))} s more.")
     for case, tag, who in (("restart_b", "2a", "B"), ("restart_a", "2b", "A")):
         if get(case, "mount_s"):
-            extra.append(f"({tag}) {who}'s `peerfs mount --daemon` took "
+            extra.append(f"({tag}) {who}'s `peerfs mount` (until mounted, start scan included) took "
                          f"{fmt_s(median(get(case, 'mount_s')))} s; the changed file was on B "
                          f"{fmt_s(median(get(case, 'peerfs_file_s')))} s after {who} connected; "
                          f"from the start of the mount to on B and in sync "

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reconciliation benchmark: what bringing two trees together costs on the wire and in time,
 # for peerfs and, side by side in the same run, for rsync (Debian's rsync, `rsync -a --stats`
-# to an rsync daemon). All on loopback, with real release daemons (`peerfs mount --daemon`):
+# to an rsync daemon). All on loopback, with real release peers (`peerfs mount` in the
+# foreground as children of reconcile.py: `--daemon` gives up after 30 s, shorter than a first
+# start scan of 100,000 files):
 #   (1) initial sync: 10,000 files of 1 KiB in 100 folders put in A's backing folder before A
 #       starts (its start scan indexes them), B starts empty; until B's backing tree equals
 #       A's; rsync copies the same tree into an empty folder
@@ -46,7 +48,7 @@ die() {
 }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (FUSE mounts with allow_other)"
-for tool in python3 findmnt mountpoint timeout df sync; do
+for tool in python3 findmnt mountpoint timeout df sync flock; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
 command -v rsync >/dev/null || die "rsync not found (apt-get install -y rsync)"
@@ -121,6 +123,9 @@ trap 'exit 130' INT TERM
 
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+# One run per scratch directory: a second one would delete the first one's trees under it.
+exec 9>"$BENCH_DIR/.lock"
+flock -n 9 || die "another bench/reconcile.sh is using $BENCH_DIR (set RECON_BENCH_DIR to another folder)"
 for c in "${CASES[@]}"; do
     for p in a b; do
         is_mounted "$BENCH_DIR/$c/$p/mnt" &&
@@ -152,7 +157,7 @@ uid = root
 gid = root
 EOF
 rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" \
-    --config="$BENCH_DIR/rsync/rsyncd.conf" >&2 &
+    --config="$BENCH_DIR/rsync/rsyncd.conf" >&2 9>&- &
 RSYNCD_PID=$!
 deadline=$((SECONDS + 10))
 until rsync "rsync://127.0.0.1:$RSYNC_PORT/" >/dev/null 2>&1; do

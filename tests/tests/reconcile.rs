@@ -294,6 +294,29 @@ fn an_offline_peer_catches_up_on_every_kind_of_change() {
     assert!(any_conflict_names(&tree).is_empty(), "{tree:#?}");
 }
 
+/// While B is stopped, A makes a file, renames it and writes it again (with two peers, and
+/// with a third peer C running that follows A): B, back, gets the final file under its final
+/// name and nothing under the first.
+#[test]
+fn a_file_made_renamed_and_rewritten_while_a_peer_was_away_reaches_it() {
+    for n in [2, 3] {
+        let mut p = Peers::start_with(n, opts());
+        p.stop(B);
+        write(&p, A, "first.txt", b"first name");
+        fs::rename(p.file(A, "first.txt"), p.file(A, "second.txt")).expect("rename");
+        write(&p, A, "second.txt", b"rewritten under the second name");
+        wait_no_locks(&p);
+        p.restart(B);
+        let all: Vec<usize> = (0..n).collect();
+        let tree = p.wait_trees_equal(&all, SYNC);
+        assert_eq!(
+            content(&tree, "second.txt"),
+            b"rewritten under the second name"
+        );
+        assert_eq!(tree.len(), 1, "with {n} peers: {tree:#?}");
+    }
+}
+
 /// A and B edit doc.txt while they cannot see each other (B stopped while A edits, A stopped
 /// while B edits, the default `available` policy lets both): both edits survive, one as
 /// `doc (conflict PEER DATE).txt`, identically on both peers.
