@@ -670,3 +670,24 @@ fn regression_two_peers_create_the_same_file_at_once() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A file renamed over a name a partitioned peer wrote meanwhile.
+#[test]
+fn regression_rename_over_a_name_written_across_a_cut() {
+    for _ in 0..4 {
+        run_model(&[
+            Step::Delete { peer: 0, file: 2 },
+            Step::Write { peer: 1, file: 2 },
+            Step::Cut { a: 1, b: 0 },
+            Step::Write { peer: 0, file: 1 },
+            Step::Join { a: 0, b: 1 },
+            Step::Rename {
+                peer: 0,
+                from: 1,
+                to: 2,
+            },
+            Step::Write { peer: 2, file: 3 },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
