@@ -44,6 +44,9 @@ use versions::now_secs;
 
 pub use recon::{ConflictNote, ScanReport, SyncProgress};
 
+/// See [`Replicator::pause_applies`].
+pub struct ApplyPause<'a>(#[allow(dead_code)] parking_lot::MutexGuard<'a, ()>);
+
 /// Decides whether a path replicates (the drive's include/exclude rules).
 pub type Filter = Arc<dyn Fn(&RelPath) -> bool + Send + Sync>;
 
@@ -542,6 +545,13 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Holds off applying peers' changes while the guard lives: for tools (and tests) that
+    /// change the backing folder directly and report it with [`Replicator::local`], as the
+    /// drive's locks otherwise keep peers' changes and local ones apart.
+    pub fn pause_applies(&self) -> ApplyPause<'_> {
+        ApplyPause(self.inner.apply_lock.lock())
     }
 
     /// Conflict copies made here (most recent last).
@@ -3094,7 +3104,13 @@ impl Inner {
             Path::new(OsStr::from_bytes(copy_path.as_bytes())),
         );
         let sub = self.store.cat_subtree(path.as_bytes()).map_err(ioerr)?;
-        self.rename_entries(path.as_bytes(), copy_path.as_bytes(), &sub, &ours.state.ver)?;
+        self.rename_entries(
+            path.as_bytes(),
+            copy_path.as_bytes(),
+            &sub,
+            &ours.state.ver,
+            None,
+        )?;
         self.note_conflict(path, &copy_path, &ours.state.ver);
         if let Some(e) = self.entry(copy_path.as_bytes()) {
             for j in 0..self.peers.len() {
@@ -3493,7 +3509,13 @@ impl Inner {
                     fsync_dir(ddir.as_fd());
                     (self.trash)(self.root(), from, to, &p.name)?;
                     let _ = self.store.rename_path(&pb(from), &pb(to));
-                    self.rename_entries(from.as_bytes(), to.as_bytes(), &sub, &rver)?;
+                    self.rename_entries(
+                        from.as_bytes(),
+                        to.as_bytes(),
+                        &sub,
+                        &rver,
+                        ver.and_then(|v| v.history.first()),
+                    )?;
                     if let Some(a) = applied {
                         a.renamed(from, to);
                     }
@@ -3514,7 +3536,13 @@ impl Inner {
                 renameat(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
                 fsync_dir(ddir.as_fd());
                 let _ = self.store.rename_path(&pb(from), &pb(to));
-                self.rename_entries(from.as_bytes(), to.as_bytes(), &sub, &rver)?;
+                self.rename_entries(
+                    from.as_bytes(),
+                    to.as_bytes(),
+                    &sub,
+                    &rver,
+                    ver.and_then(|v| v.history.first()),
+                )?;
                 if let Some(a) = applied {
                     a.renamed(from, to);
                 }

@@ -238,6 +238,7 @@ impl Cluster {
     }
 
     fn write_open(&self, i: usize, name: &str, content: &[u8]) -> Option<Vec<u8>> {
+        let _paused = self.nodes[i].repl.pause_applies();
         let p = self.nodes[i].backing.join(name);
         let old = std::fs::read(&p).ok();
         if let Some(d) = p.parent() {
@@ -259,18 +260,27 @@ impl Cluster {
         old
     }
 
-    fn remove(&self, i: usize, name: &str) {
+    fn remove(&self, i: usize, name: &str) -> Option<Vec<u8>> {
+        let _paused = self.nodes[i].repl.pause_applies();
         let p = self.nodes[i].backing.join(name);
+        let old = std::fs::read(&p).ok();
         if std::fs::remove_file(&p).is_ok() {
             self.nodes[i].repl.local(LocalChange::Remove {
                 path: rel(name),
                 held: false,
             });
         }
+        old
     }
 
-    fn rename(&self, i: usize, from: &str, to: &str) {
+    fn rename(&self, i: usize, from: &str, to: &str) -> Option<Vec<u8>> {
+        let _paused = self.nodes[i].repl.pause_applies();
         let b = &self.nodes[i].backing;
+        let replaced = if b.join(from).is_file() {
+            std::fs::read(b.join(to)).ok()
+        } else {
+            None
+        };
         if b.join(from).is_file()
             && !b.join(to).is_dir()
             && std::fs::rename(b.join(from), b.join(to)).is_ok()
@@ -279,7 +289,9 @@ impl Cluster {
                 from: rel(from),
                 to: rel(to),
             });
+            return replaced;
         }
+        None
     }
 
     fn tree(&self, i: usize) -> BTreeMap<String, Vec<u8>> {
@@ -590,19 +602,15 @@ fn run_model(steps: &[Step]) -> Result<(), String> {
                 written.push(content);
             }
             Step::Delete { peer, file } => {
-                if let Ok(old) = std::fs::read(c.nodes[peer].backing.join(FILES[file])) {
+                if let Some(old) = c.remove(peer, FILES[file]) {
                     superseded.insert(old);
                 }
-                c.remove(peer, FILES[file]);
             }
             Step::Rename { peer, from, to } if from != to => {
                 // Renaming over a file replaces it knowingly.
-                if c.nodes[peer].backing.join(FILES[from]).is_file() {
-                    if let Ok(old) = std::fs::read(c.nodes[peer].backing.join(FILES[to])) {
-                        superseded.insert(old);
-                    }
+                if let Some(old) = c.rename(peer, FILES[from], FILES[to]) {
+                    superseded.insert(old);
                 }
-                c.rename(peer, FILES[from], FILES[to]);
             }
             Step::Rename { .. } => {}
             Step::Cut { a, b } if a != b => c.disconnect(a, b),
@@ -687,6 +695,33 @@ fn regression_rename_over_a_name_written_across_a_cut() {
                 to: 2,
             },
             Step::Write { peer: 2, file: 3 },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Renames across a partition, one onto a name the other side rewrote.
+#[test]
+fn regression_renames_across_a_partition() {
+    for _ in 0..3 {
+        run_model(&[
+            Step::Write { peer: 0, file: 3 },
+            Step::Cut { a: 2, b: 1 },
+            Step::Rename {
+                peer: 1,
+                from: 0,
+                to: 2,
+            },
+            Step::Write { peer: 2, file: 2 },
+            Step::Write { peer: 0, file: 0 },
+            Step::Write { peer: 1, file: 3 },
+            Step::Write { peer: 0, file: 1 },
+            Step::Join { a: 1, b: 0 },
+            Step::Rename {
+                peer: 0,
+                from: 3,
+                to: 0,
+            },
         ])
         .unwrap_or_else(|e| panic!("{e}"));
     }

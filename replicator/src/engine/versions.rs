@@ -321,19 +321,22 @@ impl Inner {
             mclock: top.state.ver.mclock,
             mpeer: top.state.ver.mpeer,
         };
-        self.rename_entries(from, to, &sub, &ver)?;
+        self.rename_entries(from, to, &sub, &ver, None)?;
         Ok(Some(ver))
     }
 
     /// Moves `sub` (the entries at and below `from`) to `to`; the top takes `ver`, the old
     /// paths become tombstones that dominate what they held, and whatever the index had at
-    /// and below `to` is replaced.
+    /// and below `to` is replaced. `renamed`: the content the renamer moved (a rename's
+    /// version names it first in its history); a file here with other content moves with its
+    /// own version, so the renamer's newer content still counts as newer afterwards.
     pub(super) fn rename_entries(
         &self,
         from: &[u8],
         to: &[u8],
         sub: &[(Vec<u8>, CatEntry)],
         ver: &Version,
+        renamed: Option<&Hash>,
     ) -> io::Result<()> {
         let mut items: Vec<(Vec<u8>, Option<CatEntry>)> = Vec::new();
         let replaced = self.store.cat_subtree(to).map_err(ioerr)?;
@@ -343,7 +346,9 @@ impl Inner {
                 continue;
             }
             let new_path = [to, &p[from.len()..]].concat();
-            let state = if p == from {
+            let other_content = matches!(e.state.kind, Kind::File | Kind::Symlink)
+                && renamed.is_some_and(|h| *h != e.state.hash);
+            let state = if p == from && !other_content {
                 EntryState {
                     ver: ver.clone(),
                     ..e.state.clone()
