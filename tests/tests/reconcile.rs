@@ -353,6 +353,33 @@ fn concurrent_edits_while_apart_keep_both_versions() {
     wait_conflict_reported(&p, &[A, B], "doc.txt", &copy.path);
 }
 
+/// B, alone, makes new.txt; then A, alone, makes new.txt too; then B and C (which saw
+/// neither) return together: both versions survive, one as a conflict copy, on all three.
+#[test]
+fn concurrent_creations_of_one_name_keep_both_with_three_peers() {
+    let mut p = Peers::start_with(3, opts());
+    p.stop(A);
+    p.stop(C);
+    write(&p, B, "new.txt", b"made on b");
+    wait_no_locks(&p);
+    p.stop(B);
+    p.launch(A);
+    write(&p, A, "new.txt", b"made on a, later");
+    wait_no_locks(&p);
+    p.launch(B);
+    p.launch(C);
+    p.wait_connected();
+    let tree = p.wait_trees_equal(&[A, B, C], SYNC);
+    assert_one_conflict(
+        &p,
+        &tree,
+        "new.txt",
+        (A, b"made on a, later"),
+        (B, b"made on b"),
+    );
+    assert_eq!(tree.len(), 2, "{tree:#?}");
+}
+
 /// A deletes x.txt while B, apart from it, edits x.txt: the edit survives on both (and is
 /// not a content conflict).
 #[test]
