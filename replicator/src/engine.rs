@@ -641,6 +641,8 @@ impl Inner {
             }
             let mut st = p.state.lock();
             st.connected = true;
+            // What the peer asked for on an earlier connection may no longer hold.
+            st.overrides.clear();
             self.restart(&mut st, 0);
             st.retry_at = None;
             st.backoff = Duration::ZERO;
@@ -1216,7 +1218,10 @@ impl Inner {
                     done: false,
                     acked: None,
                 });
-                st.overrides.remove(&rec.seq)
+                // Kept until the record is acknowledged: a record refused twice for different
+                // reasons (a rename whose source is missing, then a base the peer lacks) needs
+                // both answers (taking them one at a time made the two alternate for ever).
+                st.overrides.get(&rec.seq).cloned()
             };
             let result = self.send_record(&p, epoch, generation, &rec, ov);
             let mut st = p.state.lock();
@@ -1808,6 +1813,7 @@ impl Inner {
         match outcome {
             AckOutcome::Applied => {
                 p.counters.records_acked.fetch_add(1, Ordering::Relaxed);
+                st.overrides.remove(&seq);
                 st.inflight[pos].done = true;
                 st.acked_beyond.insert(seq);
                 st.side.remove(&seq);
@@ -1819,6 +1825,7 @@ impl Inner {
                 retry: false,
             } => {
                 tracing::error!(peer = %p.name, seq, "replication: the peer refused a change for good: {error}");
+                st.overrides.remove(&seq);
                 st.last_error = Some(error);
                 st.inflight[pos].done = true;
                 st.inflight[pos].acked = None;
