@@ -2786,10 +2786,16 @@ impl Inner {
                         .ours
                         .clone()
                         .unwrap_or_else(|| versions::gone(t.theirs.ver.clone()));
-                    let (copy, _) = conflict_target(t.dir.as_fd(), &t.name, &ours.ver, None);
+                    let ours_content = (ours.kind == Kind::File).then_some(&ours.hash);
+                    let (copy, there) =
+                        conflict_target(t.dir.as_fd(), &t.name, &ours.ver, ours_content);
                     let copy_path = sibling(&copy)?;
                     let present = lstat_at(t.dir.as_fd(), &t.name).is_ok();
-                    if present {
+                    if present && there {
+                        // The same copy of our version is there already (it came another way):
+                        // ours is kept; the name takes theirs.
+                        renameat(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &t.name)?;
+                    } else if present {
                         renameat2_exchange(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &t.name)?;
                         renameat(t.dir.as_fd(), &tmp_name, t.dir.as_fd(), &copy)?;
                     } else {
@@ -2797,7 +2803,7 @@ impl Inner {
                     }
                     std::mem::forget(guard);
                     fsync_dir(t.dir.as_fd());
-                    if present {
+                    if present && !there {
                         let old = self.entry(t.path.as_bytes());
                         let copy_stamp = lstat_at(t.dir.as_fd(), &copy).ok().map(|s| stamp_of(&s));
                         let mut state = ours.clone();
@@ -3097,7 +3103,26 @@ impl Inner {
             .entry(path.as_bytes())
             .filter(|e| e.state.kind != Kind::Gone)
             .ok_or_else(|| ioerr("nothing to set aside"))?;
-        let (copy, _) = conflict_target(dir, name, &ours.state.ver, None);
+        let content = (ours.state.kind == Kind::File).then_some(&ours.state.hash);
+        let (copy, there) = conflict_target(dir, name, &ours.state.ver, content);
+        if there {
+            // The same copy is there already: ours is kept by it; clear the name.
+            let dup = CString::new(format!(
+                "{TMP_PREFIX}{}-{}",
+                std::process::id(),
+                TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ))
+            .map_err(ioerr)?;
+            renameat(dir, name, dir, &dup)?;
+            // SAFETY: unlinkat on our descriptor; the content lives on in the copy.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), dup.as_ptr(), 0) };
+            return match path.split_last() {
+                Some((parent, _)) => parent
+                    .join(OsStr::from_bytes(copy.to_bytes()))
+                    .map_err(ioerr),
+                None => Err(ioerr("the root cannot be set aside")),
+            };
+        }
         renameat(dir, name, dir, &copy)?;
         fsync_dir(dir);
         let copy_path = match path.split_last() {
