@@ -1443,6 +1443,15 @@ impl Inner {
                     self.send_noop(p, epoch, seq)?;
                     return Ok(Sent::Record);
                 };
+                // The file moved since this record was queued. Its current content goes under
+                // the record's name only if a later record of the queue renames that name;
+                // otherwise (the rename was recorded before this change, e.g. a writer released
+                // after renaming) the peer knows the file by its current name already.
+                let path = if current != path && !self.renamed_later(p, seq, &path) {
+                    current.clone()
+                } else {
+                    path
+                };
                 self.send_content(
                     p,
                     epoch,
@@ -1456,6 +1465,20 @@ impl Inner {
                 )
             }
         }
+    }
+
+    /// Whether a record of `p`'s queue after `seq` renames `path` (or a folder above it).
+    fn renamed_later(&self, p: &Peer, seq: u64, path: &RelPath) -> bool {
+        let Ok(later) = self.store.peek_from(&p.key, seq + 1, 4096) else {
+            return true;
+        };
+        later.iter().any(|r| match &r.kind {
+            RecordKind::Op(bytes) => matches!(
+                decode_op(bytes),
+                Ok(OpRecord { op: NsOp::Rename { from, .. }, .. }) if path.starts_with(&from)
+            ),
+            _ => false,
+        })
     }
 
     /// Streams the content of the file now at `current` to the peer's `path`.

@@ -298,7 +298,6 @@ fn an_offline_peer_catches_up_on_every_kind_of_change() {
 /// with a third peer C running that follows A): B, back, gets the final file under its final
 /// name and nothing under the first.
 #[test]
-#[ignore = "open bug (issue 9 note): fails about half the runs, the sender's first record loops on BaseMismatch"]
 fn a_file_made_renamed_and_rewritten_while_a_peer_was_away_reaches_it() {
     for n in [2, 3] {
         let mut p = Peers::start_with(n, opts());

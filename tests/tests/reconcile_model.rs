@@ -568,7 +568,6 @@ fn regression_concurrent_creates_of_one_name_one_renamed_away() {
 /// get f0.txt or f2.txt: peer-a logs "a rename from a peer keeps the version changed here
 /// meanwhile from=d1/g.txt to=f0.txt" about every 10 ms, and its queue goes no further.
 #[test]
-#[ignore = "open bug (issue 9 note): a file made, renamed and rewritten while a peer was away sometimes never reaches it"]
 fn regression_made_renamed_and_rewritten_while_two_peers_were_away() {
     run_regression(&[
         Stop { peer: 0 },
@@ -593,7 +592,6 @@ fn regression_made_renamed_and_rewritten_while_two_peers_were_away() {
 /// to f0.txt and writes f0.txt again (peer-a runs and follows); peer-b, back, never converges.
 /// Without the last write (or with only the create and rename) it passes.
 #[test]
-#[ignore = "open bug (issue 9 note): a file made, renamed and rewritten while a peer was away sometimes never reaches it"]
 fn regression_made_renamed_and_rewritten_while_a_peer_was_away() {
     run_regression(&[
         Stop { peer: 1 },
