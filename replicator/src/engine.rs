@@ -2340,13 +2340,7 @@ impl Inner {
             libc::O_RDONLY | libc::O_NOFOLLOW,
             0,
         )?);
-        self.note_received(p, &path, &manifest, &file)?;
-        self.record_remote(
-            path.as_bytes(),
-            theirs,
-            ours.as_ref(),
-            Some(stamp_of(&fstat(&file)?)),
-        )?;
+        self.received(p, &path, &manifest, &file, theirs, ours.as_ref())?;
         if let Some(a) = self.applied() {
             a.changed(&path);
         }
@@ -2781,13 +2775,7 @@ impl Inner {
                         libc::O_RDONLY | libc::O_NOFOLLOW,
                         0,
                     )?);
-                    self.note_received(p, &copy_path, &m, &file)?;
-                    self.record_remote(
-                        copy_path.as_bytes(),
-                        t.theirs.clone(),
-                        None,
-                        Some(stamp_of(&fstat(&file)?)),
-                    )?;
+                    self.received(p, &copy_path, &m, &file, t.theirs.clone(), None)?;
                     // The name keeps our version as it was: merging the loser's vector into it
                     // would make it look like a descendant of the loser, and a peer holding
                     // the loser at the name would then replace it without keeping a copy.
@@ -2847,14 +2835,8 @@ impl Inner {
                         libc::O_RDONLY | libc::O_NOFOLLOW,
                         0,
                     )?);
-                    self.note_received(p, &t.path, &m, &file)?;
                     // The winner's version as it is (see TheirsLoses): ours lives on in the copy.
-                    self.record_remote(
-                        t.path.as_bytes(),
-                        t.theirs.clone(),
-                        None,
-                        Some(stamp_of(&fstat(&file)?)),
-                    )?;
+                    self.received(p, &t.path, &m, &file, t.theirs.clone(), None)?;
                     if let Some(a) = applied {
                         if present {
                             a.changed(&copy_path);
@@ -2909,12 +2891,13 @@ impl Inner {
                 libc::O_RDONLY | libc::O_NOFOLLOW,
                 0,
             )?);
-            self.note_received(p, &target_path, &m, &file)?;
-            self.record_remote(
-                target_path.as_bytes(),
+            self.received(
+                p,
+                &target_path,
+                &m,
+                &file,
                 t.theirs.clone(),
                 t.ours.as_ref(),
-                Some(stamp_of(&fstat(&file)?)),
             )?;
             if let Some(a) = applied {
                 a.changed(&target_path);
@@ -2996,13 +2979,7 @@ impl Inner {
                 return Err(e);
             }
             journal.remove();
-            self.note_received(p, &t.path, &m, base)?;
-            self.record_remote(
-                t.path.as_bytes(),
-                t.theirs.clone(),
-                t.ours.as_ref(),
-                Some(stamp_of(&fstat(base)?)),
-            )?;
+            self.received(p, &t.path, &m, base, t.theirs.clone(), t.ours.as_ref())?;
         } else if applied.as_ref().is_some_and(|a| a.writing(&t.path)) {
             journal.discard();
             return Ok(AckOutcome::Failed {
@@ -3041,18 +3018,28 @@ impl Inner {
             std::mem::forget(guard);
             fsync_dir(t.dir.as_fd());
             journal.remove();
-            self.note_received(p, &t.path, &m, &tmp)?;
-            self.record_remote(
-                t.path.as_bytes(),
-                t.theirs.clone(),
-                t.ours.as_ref(),
-                Some(stamp_of(&fstat(&tmp)?)),
-            )?;
+            self.received(p, &t.path, &m, &tmp, t.theirs.clone(), t.ours.as_ref())?;
         }
         if let Some(a) = applied {
             a.changed(&t.path);
         }
         Ok(AckOutcome::Applied)
+    }
+
+    /// Records a version received from `p` now in `file` at `path`: the manifest (the sender
+    /// holds it too, so its next delta may start from it) and the index entry with the file's
+    /// stamp.
+    fn received(
+        &self,
+        p: &Peer,
+        path: &RelPath,
+        m: &Manifest,
+        file: &File,
+        state: EntryState,
+        ours: Option<&EntryState>,
+    ) -> io::Result<()> {
+        self.note_received(p, path, m, file)?;
+        self.record_remote(path.as_bytes(), state, ours, Some(stamp_of(&fstat(file)?)))
     }
 
     /// Records that this server holds manifest `m` at `path`, received from `p` (which holds it

@@ -27,6 +27,16 @@ pub(super) fn gone(ver: Version) -> EntryState {
     }
 }
 
+/// The tombstone that removal (or rename) `ver` leaves where `e` was: it dominates `e`.
+fn tomb_over(ver: &Version, e: &EntryState) -> CatEntry {
+    let mut v = ver.clone();
+    v.vv = merge(&ver.vv, &e.ver.vv);
+    CatEntry {
+        state: gone(v),
+        stamp: None,
+    }
+}
+
 /// The kind of a stat result, as the index names it (`None`: devices, FIFOs, sockets).
 pub(super) fn kind_of(st: &libc::stat) -> Option<Kind> {
     if is_kind(st, libc::S_IFREG) {
@@ -254,27 +264,9 @@ impl Inner {
         let mut items = Vec::with_capacity(sub.len() + 1);
         let mut top = false;
         for (p, e) in sub {
-            if p == path {
-                top = true;
-                let mut v = ver.clone();
-                v.vv = merge(&ver.vv, &e.state.ver.vv);
-                items.push((
-                    p.clone(),
-                    Some(CatEntry {
-                        state: gone(v),
-                        stamp: None,
-                    }),
-                ));
-            } else if e.state.kind != Kind::Gone {
-                let mut v = ver.clone();
-                v.vv = merge(&ver.vv, &e.state.ver.vv);
-                items.push((
-                    p.clone(),
-                    Some(CatEntry {
-                        state: gone(v),
-                        stamp: None,
-                    }),
-                ));
+            if p == path || e.state.kind != Kind::Gone {
+                top |= p == path;
+                items.push((p.clone(), Some(tomb_over(ver, &e.state))));
             }
         }
         if !top {
@@ -356,15 +348,7 @@ impl Inner {
             } else {
                 e.state.clone()
             };
-            let mut v = ver.clone();
-            v.vv = merge(&ver.vv, &e.state.ver.vv);
-            items.push((
-                p.clone(),
-                Some(CatEntry {
-                    state: gone(v),
-                    stamp: None,
-                }),
-            ));
+            items.push((p.clone(), Some(tomb_over(ver, &e.state))));
             moved.insert(new_path.clone());
             items.push((
                 new_path,
@@ -376,15 +360,7 @@ impl Inner {
         }
         for (p, e) in replaced {
             if !moved.contains(&p) && e.state.kind != Kind::Gone {
-                let mut v = ver.clone();
-                v.vv = merge(&ver.vv, &e.state.ver.vv);
-                items.push((
-                    p,
-                    Some(CatEntry {
-                        state: gone(v),
-                        stamp: None,
-                    }),
-                ));
+                items.push((p, Some(tomb_over(ver, &e.state))));
             }
         }
         self.parent_entries(to, &mut items);
