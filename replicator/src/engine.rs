@@ -3550,33 +3550,21 @@ impl Inner {
                     renameat2_exchange(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
                     fsync_dir(ddir.as_fd());
                     (self.trash)(self.root(), from, to, &p.name)?;
-                    let _ = self.store.rename_path(&pb(from), &pb(to));
-                    self.rename_entries(
-                        from.as_bytes(),
-                        to.as_bytes(),
-                        &sub,
-                        &rver,
-                        ver.and_then(|v| v.history.first()),
-                    )?;
-                    if let Some(a) = applied {
-                        a.renamed(from, to);
-                    }
-                    self.forward_op(i, to, op, ver);
-                    return Ok(AckOutcome::Applied);
-                }
-                if let Some(dst) = dst {
-                    if !(dst.st_ino == sst.st_ino && dst.st_dev == sst.st_dev) {
-                        // The replaced object is kept in the trash (nothing is destroyed).
-                        let empty_dir = is_kind(&dst, libc::S_IFDIR)
-                            // SAFETY: unlinkat on our descriptor.
-                            && unsafe { libc::unlinkat(ddir.as_raw_fd(), dname.as_ptr(), libc::AT_REMOVEDIR) } == 0;
-                        if !empty_dir {
-                            self.trash(p, to)?;
+                } else {
+                    if let Some(dst) = dst {
+                        if !(dst.st_ino == sst.st_ino && dst.st_dev == sst.st_dev) {
+                            // The replaced object is kept in the trash (nothing is destroyed).
+                            let empty_dir = is_kind(&dst, libc::S_IFDIR)
+                                // SAFETY: unlinkat on our descriptor.
+                                && unsafe { libc::unlinkat(ddir.as_raw_fd(), dname.as_ptr(), libc::AT_REMOVEDIR) } == 0;
+                            if !empty_dir {
+                                self.trash(p, to)?;
+                            }
                         }
                     }
+                    renameat(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
+                    fsync_dir(ddir.as_fd());
                 }
-                renameat(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
-                fsync_dir(ddir.as_fd());
                 let _ = self.store.rename_path(&pb(from), &pb(to));
                 self.rename_entries(
                     from.as_bytes(),

@@ -173,26 +173,12 @@ impl Inner {
 
     pub(super) fn sync_progress(&self, p: &Peer, st: &PeerState, queue: u64) -> SyncProgress {
         let r = &st.recon;
-        let acked = p
-            .counters
-            .records_acked
-            .load(Ordering::Relaxed)
-            .saturating_sub(r.acked_base);
-        let sent = p
-            .counters
-            .content_bytes_sent
-            .load(Ordering::Relaxed)
-            .saturating_sub(r.sent_base);
-        let applied = p
-            .counters
-            .records_applied
-            .load(Ordering::Relaxed)
-            .saturating_sub(r.recv_files_base);
-        let received = p
-            .counters
-            .content_bytes_received
-            .load(Ordering::Relaxed)
-            .saturating_sub(r.recv_bytes_base);
+        // What a counter grew by since the connection began.
+        let since = |c: &AtomicU64, base: u64| c.load(Ordering::Relaxed).saturating_sub(base);
+        let acked = since(&p.counters.records_acked, r.acked_base);
+        let sent = since(&p.counters.content_bytes_sent, r.sent_base);
+        let applied = since(&p.counters.records_applied, r.recv_files_base);
+        let received = since(&p.counters.content_bytes_received, r.recv_bytes_base);
         let state = if self.scanning.load(Ordering::SeqCst) {
             "scanning"
         } else if !st.connected {
