@@ -1357,7 +1357,17 @@ impl Inner {
         let current = self
             .entry(target.as_bytes())
             .filter(|e| here && e.state.kind != Kind::Gone);
+        // Changed after the rename: that content goes by its own record (not under the old
+        // name, see `send_record`), and the rename keeps the version it made. The current
+        // one carries later clocks: the tombstone it leaves at the source would look newer
+        // than a file renamed there afterwards.
+        let changed_since = |e: &crate::store::CatEntry, s: &Version| {
+            matches!(e.state.kind, Kind::File | Kind::Symlink)
+                && matches!(op, NsOp::Rename { .. })
+                && s.history.first().is_some_and(|h| *h != e.state.hash)
+        };
         match (current, stored) {
+            (Some(e), Some(s)) if changed_since(&e, &s) => Some(s),
             (Some(e), stored) => {
                 let mut v = e.state.ver;
                 if matches!(e.state.kind, Kind::File | Kind::Symlink) {
@@ -1601,6 +1611,7 @@ impl Inner {
             .current_manifest(current.as_bytes(), id, &file, &st)
             .map_err(Stop::Io)?;
         let meta = read_meta(&st, Some(file.as_fd()));
+        let ver = self.content_version(current, &dir, &name, &st, &new)?;
 
         // The version the peer holds: what it acked last, else the version before this one.
         // (Decoded one at a time: a 4 GiB file's manifest is ~25 MB.)
@@ -1674,10 +1685,7 @@ impl Inner {
                 aligned: aligned(&delta),
                 checked,
                 side,
-                ver: self
-                    .entry(current.as_bytes())
-                    .filter(|e| e.state.kind == Kind::File && e.state.hash == *new.content_hash())
-                    .map(|e| Box::new(e.state.ver)),
+                ver: Some(Box::new(ver)),
             },
             true,
         )?;
@@ -1714,6 +1722,49 @@ impl Inner {
             trim_heap();
         }
         Ok(Sent::Record)
+    }
+
+    /// The version of content `new` read from the file at `current`. The index says which it
+    /// is; when it names another content, it is read again under the apply lock (a receiver
+    /// may have been halfway through replacing or moving the file): a file that changed
+    /// meanwhile is sent again in a moment; one that did not is a change made here that the
+    /// index missed (e.g. behind the drive's back), recorded now as a local version. Content
+    /// never goes out without its version: a receiver would have to guess.
+    fn content_version(
+        &self,
+        current: &RelPath,
+        dir: &OwnedFd,
+        name: &CStr,
+        st: &libc::stat,
+        new: &Manifest,
+    ) -> Result<Version, Stop> {
+        let matching = || {
+            self.entry(current.as_bytes())
+                .filter(|e| e.state.kind == Kind::File && e.state.hash == *new.content_hash())
+                .map(|e| e.state.ver)
+        };
+        if let Some(v) = matching() {
+            return Ok(v);
+        }
+        let _applying = self.apply_lock.lock();
+        if let Some(v) = matching() {
+            return Ok(v);
+        }
+        let now = lstat_at(dir.as_fd(), name).map_err(|_| Stop::Changed)?;
+        if stamp_of(&now) != stamp_of(st) {
+            return Err(Stop::Changed);
+        }
+        self.record_local(
+            current.as_bytes(),
+            Kind::File,
+            *new.content_hash(),
+            new.size(),
+            st.st_mode & 0o7777,
+            Some(stamp_of(st)),
+            st.st_mtime,
+        )
+        .map_err(Stop::Io)?;
+        matching().ok_or(Stop::Changed)
     }
 
     /// Streams a side transfer's pieces and its End (on its own thread).
@@ -1870,6 +1921,7 @@ impl Inner {
         }
         let mut st = p.state.lock();
         let Some(pos) = st.inflight.iter().position(|f| f.seq == seq) else {
+            tracing::trace!(peer = %p.name, seq, ?outcome, "replication: an answer for a record not in flight; ignored");
             return;
         };
         match outcome {
@@ -2307,6 +2359,7 @@ impl Inner {
 
     /// Acknowledges record `seq` to `p`; true if it was applied.
     fn ack(&self, p: &Peer, seq: u64, outcome: AckOutcome, holds: Option<Hash>) -> bool {
+        tracing::trace!(me = %self.cfg.me_name, peer = %p.name, seq, ?outcome, "replication: answer");
         let ok = outcome == AckOutcome::Applied;
         if ok {
             p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
@@ -3253,9 +3306,11 @@ impl Inner {
         Ok(copy_path)
     }
 
-    /// Whether sibling `name` of `path` holds a file that version `loser` replaced knowingly
-    /// (its vector or history covers it), recorded as it is on the disk and not open for
-    /// writing: a conflict copy of `loser` may take its place.
+    /// Whether sibling `name` of `path` holds a file whose content version `loser` replaced
+    /// (its history names it), recorded as it is on the disk and not open for writing: a
+    /// conflict copy of `loser` may take its place. Vectors are not enough: after a conflict
+    /// the name's winner keeps its own vector, so the loser's server's next edit there has a
+    /// vector covering the copy it never saw.
     fn older_copy(&self, path: &RelPath, name: &CStr, loser: &Version) -> bool {
         let Some(copy) = path
             .split_last()
@@ -3267,7 +3322,7 @@ impl Inner {
             return false;
         };
         e.state.kind == Kind::File
-            && !crate::catalog::unknown_to(&e.state, loser)
+            && loser.history.contains(&e.state.hash)
             && !self.unrecorded(copy.as_bytes(), &e)
             && !self.applied().is_some_and(|a| a.writing(&copy))
     }

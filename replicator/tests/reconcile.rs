@@ -731,12 +731,11 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    /// Known to fail now and then (timing-dependent): interleavings of renames, rewrites and
-    /// link cuts where a queue stalls or two peers keep different contents under equal
-    /// digests. Kept runnable (`cargo test -p peerfs-replicator --test reconcile -- --ignored`)
-    /// until they are fixed; see the note.
+    /// Random writes, deletes and renames on 3 peers, with links cut and joined between them:
+    /// after a final full reconnection every tree is identical, and every version no later
+    /// change replaced knowingly is somewhere in it. `PEERFS_RECON_CASES` sets the number of
+    /// cases (24 by default; 256 finds rarer interleavings).
     #[test]
-    #[ignore = "finds open divergence bugs (rename/partition interleavings)"]
     fn random_operations_and_partitions_converge_and_lose_nothing(
         steps in proptest::collection::vec(step(), 1..24)
     ) {
@@ -764,7 +763,6 @@ fn regression_two_peers_create_the_same_file_at_once() {
 
 /// A file renamed over a name a partitioned peer wrote meanwhile.
 #[test]
-#[ignore = "timing-dependent; fails now and then (open divergence bug)"]
 fn regression_rename_over_a_name_written_across_a_cut() {
     for _ in 0..4 {
         run_model(&[
@@ -786,7 +784,6 @@ fn regression_rename_over_a_name_written_across_a_cut() {
 
 /// Renames across a partition, one onto a name the other side rewrote.
 #[test]
-#[ignore = "timing-dependent; fails now and then (open divergence bug)"]
 fn regression_renames_across_a_partition() {
     for _ in 0..3 {
         run_model(&[
@@ -815,7 +812,6 @@ fn regression_renames_across_a_partition() {
 /// Found by the random model (2026-11-25): a peer lost its own conflict copy on disk while its
 /// index kept it, so digests agreed and the trees did not.
 #[test]
-#[ignore = "timing-dependent; fails now and then (open divergence bug)"]
 fn regression_a_conflict_copy_kept_by_the_index_but_not_on_disk() {
     use Step::*;
     for _ in 0..3 {
@@ -855,7 +851,6 @@ fn regression_a_conflict_copy_kept_by_the_index_but_not_on_disk() {
 /// Found by the random model (2026-11-25): one peer made a second, identical conflict copy
 /// (`... 2.txt`) that its index did not know.
 #[test]
-#[ignore = "timing-dependent; fails now and then (open divergence bug)"]
 fn regression_a_second_identical_conflict_copy_unknown_to_the_index() {
     use Step::*;
     for _ in 0..3 {
@@ -901,6 +896,52 @@ fn regression_a_rename_meets_names_rewritten_here() {
             },
             Write { peer: 1, file: 2 },
             Write { peer: 1, file: 0 },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Found by the random model (2026-11-25): three peers rewrite one name across a cut; one
+/// version was lost.
+#[test]
+fn regression_three_peers_rewrite_one_name_across_a_cut() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(&[
+            Write { peer: 2, file: 2 },
+            Cut { a: 0, b: 2 },
+            Write { peer: 2, file: 1 },
+            Write { peer: 0, file: 1 },
+            Write { peer: 1, file: 1 },
+            Write { peer: 2, file: 1 },
+            Write { peer: 0, file: 1 },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Found by the random model (2026-11-25): two renames in a row on a peer cut from another;
+/// the file renamed second was lost.
+#[test]
+fn regression_two_renames_in_a_row_across_a_cut() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(&[
+            Write { peer: 0, file: 0 },
+            Cut { a: 1, b: 2 },
+            Write { peer: 0, file: 3 },
+            Write { peer: 1, file: 2 },
+            Rename {
+                peer: 1,
+                from: 3,
+                to: 1,
+            },
+            Rename {
+                peer: 1,
+                from: 2,
+                to: 3,
+            },
+            Write { peer: 1, file: 1 },
         ])
         .unwrap_or_else(|e| panic!("{e}"));
     }
