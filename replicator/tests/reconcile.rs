@@ -946,3 +946,23 @@ fn regression_two_renames_in_a_row_across_a_cut() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// The real-peer model's `regression_concurrent_creates_of_one_name_one_renamed_away` with
+/// link cuts for stops: one peer makes a name by renaming onto it while the two others make
+/// that name and rename it away.
+#[test]
+fn regression_a_name_made_by_rename_on_one_side_and_renamed_away_on_the_other() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(&[
+            Cut { a: 0, b: 1 },
+            Cut { a: 0, b: 2 },
+            Write { peer: 0, file: 0 },
+            Write { peer: 0, file: 0 },
+            Rename { peer: 0, from: 0, to: 3 },
+            Write { peer: 1, file: 3 },
+            Rename { peer: 1, from: 3, to: 1 },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
