@@ -2219,6 +2219,7 @@ impl Inner {
                 }
                 m @ (ReplMsg::Summary { .. }
                 | ReplMsg::List { .. }
+                | ReplMsg::Buckets { .. }
                 | ReplMsg::Have { .. }
                 | ReplMsg::Plan { .. }) => self.on_recon(i, m),
                 ReplMsg::Ack { .. } | ReplMsg::Progress { .. } => {}
