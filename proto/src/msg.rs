@@ -285,7 +285,6 @@ pub enum ReplMsg {
         size: u64,
         content_hash: Hash,
         meta: Meta,
-        fence: Option<u64>,
         /// Every copy keeps its offset (overwrites, appends, truncations): the receiver may
         /// patch its file in place instead of rebuilding it.
         aligned: bool,
