@@ -565,6 +565,40 @@ impl Replicator {
         self.inner.expire_tombstones(retention)
     }
 
+    /// The index as recorded: every path's kind and content hash, tombstones included
+    /// (diagnostics; tests compare it with the backing tree).
+    pub fn index_entries(&self) -> Vec<(Vec<u8>, peerfs_proto::msg::EntryState)> {
+        self.inner
+            .store
+            .cat_all()
+            .filter_map(|r| r.ok())
+            .map(|(p, e)| (p, e.state))
+            .collect()
+    }
+
+    /// The sending side of every peer's stream, one line each (diagnostics).
+    pub fn stream_states(&self) -> Vec<String> {
+        self.inner
+            .peers
+            .iter()
+            .map(|p| {
+                let st = p.state.lock();
+                format!(
+                    "{}: connected {} epoch {} gen {} cursor {} inflight {:?} acked_upto {:?} retry_in {:?} queued {}",
+                    p.name,
+                    st.connected,
+                    st.epoch,
+                    st.generation,
+                    st.cursor,
+                    st.inflight.iter().map(|f| (f.seq, f.done)).collect::<Vec<_>>(),
+                    st.acked_upto,
+                    st.retry_at.map(|t| t.saturating_duration_since(Instant::now())),
+                    self.inner.store.len(&p.key).unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
     /// What the start scan found.
     pub fn scan_report(&self) -> ScanReport {
         self.inner.scan_report()
@@ -1371,7 +1405,7 @@ impl Inner {
         ov: Option<Override>,
     ) -> Result<Sent, Stop> {
         let seq = rec.seq;
-        let Some(path) = path_of_bytes(&rec.path) else {
+        let Some(mut path) = path_of_bytes(&rec.path) else {
             // Unrepresentable path: nothing a peer could apply. Send a no-op so acks stay in order.
             tracing::error!(peer = %p.name, seq, "replication: skipping a record with an invalid path");
             self.send_noop(p, epoch, seq)?;
@@ -1443,15 +1477,20 @@ impl Inner {
                     self.send_noop(p, epoch, seq)?;
                     return Ok(Sent::Record);
                 };
-                // The file moved since this record was queued. Its current content goes under
-                // the record's name only if a later record of the queue renames that name;
-                // otherwise (the rename was recorded before this change, e.g. a writer released
-                // after renaming) the peer knows the file by its current name already.
-                let path = if current != path && !self.renamed_later(p, seq, &path) {
-                    current.clone()
-                } else {
-                    path
-                };
+                // The file moved since this record was queued. If a later record of the queue
+                // renames the record's name, that rename brings the peer up to date (it moves
+                // what the peer has, and asks for the content when that is not the renamer's);
+                // the file's current content must not go under the old name: its version
+                // would stand at a name where another file may live now, and beat that file's
+                // versions. Otherwise (the rename was recorded before this change, e.g. a
+                // writer released after renaming) the peer knows the file by its current name.
+                if current != path {
+                    if self.renamed_later(p, seq, &path) {
+                        self.send_noop(p, epoch, seq)?;
+                        return Ok(Sent::Record);
+                    }
+                    path = current.clone();
+                }
                 self.send_content(
                     p,
                     epoch,
@@ -1848,6 +1887,8 @@ impl Inner {
                 retry: false,
             } => {
                 tracing::error!(peer = %p.name, seq, "replication: the peer refused a change for good: {error}");
+                // What the change would have brought is compared again once things are quiet.
+                st.recon.compare_soon();
                 st.overrides.remove(&seq);
                 st.last_error = Some(error);
                 st.inflight[pos].done = true;
@@ -2083,6 +2124,7 @@ impl Inner {
             };
             if let Some(e) = msg_epoch {
                 if e < epoch {
+                    tracing::trace!(peer = %p.name, epoch = e, current = epoch, "replication: a record of an older stream; dropped");
                     continue;
                 }
                 if e > epoch {
@@ -2092,11 +2134,21 @@ impl Inner {
                     side.clear();
                 }
                 if halted {
+                    tracing::trace!(peer = %p.name, epoch = e, "replication: the stream waits for its restart; record dropped");
                     continue;
                 }
             }
+            // True while the stream goes on: after an outcome that makes the sender restart
+            // (a retry, a base or content it must change) the rest of this stream is dropped
+            // until the restart arrives. A change refused for good is skipped by the sender,
+            // which goes on with the same stream.
             let ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
-                self.ack(&p, seq, outcome, holds)
+                let goes_on = matches!(
+                    outcome,
+                    AckOutcome::Applied | AckOutcome::Failed { retry: false, .. }
+                );
+                self.ack(&p, seq, outcome, holds);
+                goes_on
             };
             match msg {
                 ReplMsg::Op { seq, op, ver, .. } => {
@@ -2134,8 +2186,9 @@ impl Inner {
                     }
                     Ok(t) => cur = Some(t),
                     Err(outcome) => {
-                        ack(seq, outcome, None);
-                        halted = true;
+                        if !ack(seq, outcome, None) {
+                            halted = true;
+                        }
                         cur = None;
                     }
                 },
@@ -2258,6 +2311,7 @@ impl Inner {
         let ok = outcome == AckOutcome::Applied;
         if ok {
             p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
+            self.compare_when_quiet(p);
         }
         if !self.transport.send(
             p.id,
@@ -2378,7 +2432,21 @@ impl Inner {
             .store
             .ensure_file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
             .map_err(ioerr)?;
-        let m = self.current_manifest(path.as_bytes(), id, &file, &st)?;
+        // Read only: a content the index does not have is a local change not reported yet
+        // (or another apply half done); the decision treats it as such, and it is not
+        // recorded as a version from here.
+        let stored = self
+            .store
+            .file_state(id)
+            .ok()
+            .flatten()
+            .filter(|s| s.stamp == Some(stamp_of(&st)))
+            .and_then(|_| self.store.manifest(id).ok().flatten())
+            .and_then(|b| Manifest::decode(&b).ok());
+        let m = match stored {
+            Some(m) => m,
+            None => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, &file))?,
+        };
         Ok(Some((file, m)))
     }
 
@@ -2394,7 +2462,19 @@ impl Inner {
     ) -> (Option<EntryState>, bool) {
         let entry = self.entry(path.as_bytes()).map(|e| e.state);
         let st = lstat_at(dir, name).ok();
-        let on_disk = st.as_ref().and_then(versions::kind_of);
+        let mut on_disk = st.as_ref().and_then(versions::kind_of);
+        // A file that appeared after the caller looked (another receiver's apply, a local
+        // writer): what it holds is read now.
+        let have_hash = match have_hash {
+            None if on_disk == Some(Kind::File) => {
+                let h = content_hash_at(dir, name);
+                if h.is_none() {
+                    on_disk = None;
+                }
+                h
+            }
+            h => h,
+        };
         match (entry, on_disk) {
             (None, None) => (None, false),
             (Some(e), None) if e.kind == Kind::Gone => (Some(e), false),
@@ -2482,6 +2562,8 @@ impl Inner {
         let versioned = ver.is_some();
         let ver = self.incoming_version(p, ver)?;
         let (dir, name) = open_parent(self.root(), &path, true).map_err(|e| failed(&e))?;
+        // The decision reads a state no other apply is halfway through changing.
+        let applying = self.apply_lock.lock();
         let have = self
             .have(dir.as_fd(), &name, &path)
             .map_err(|e| failed(&e))?;
@@ -2533,6 +2615,7 @@ impl Inner {
         t.seen = lstat_at(t.dir.as_fd(), &t.name)
             .ok()
             .map(|st| stamp_of(&st));
+        drop(applying);
         match decision {
             Decision::Same if have_hash == Some(content_hash) => return Ok(t),
             Decision::Same | Decision::Stale => {
@@ -2763,6 +2846,7 @@ impl Inner {
                         &t.name,
                         &t.theirs.ver,
                         Some(&t.content_hash),
+                        &|n| self.older_copy(&t.path, n, &t.theirs.ver),
                     );
                     let copy_path = sibling(&copy)?;
                     if !there {
@@ -2800,7 +2884,9 @@ impl Inner {
                         .unwrap_or_else(|| versions::gone(t.theirs.ver.clone()));
                     let ours_content = (ours.kind == Kind::File).then_some(&ours.hash);
                     let (copy, there) =
-                        conflict_target(t.dir.as_fd(), &t.name, &ours.ver, ours_content);
+                        conflict_target(t.dir.as_fd(), &t.name, &ours.ver, ours_content, &|n| {
+                            self.older_copy(&t.path, n, &ours.ver)
+                        });
                     let copy_path = sibling(&copy)?;
                     let present = lstat_at(t.dir.as_fd(), &t.name).is_ok();
                     if present && there {
@@ -3115,7 +3201,9 @@ impl Inner {
             .filter(|e| e.state.kind != Kind::Gone)
             .ok_or_else(|| ioerr("nothing to set aside"))?;
         let content = (ours.state.kind == Kind::File).then_some(&ours.state.hash);
-        let (copy, there) = conflict_target(dir, name, &ours.state.ver, content);
+        let (copy, there) = conflict_target(dir, name, &ours.state.ver, content, &|n| {
+            self.older_copy(path, n, &ours.state.ver)
+        });
         if there {
             // The same copy is there already: ours is kept by it; clear the name.
             let dup = CString::new(format!(
@@ -3166,6 +3254,25 @@ impl Inner {
         Ok(copy_path)
     }
 
+    /// Whether sibling `name` of `path` holds a file that version `loser` replaced knowingly
+    /// (its vector or history covers it), recorded as it is on the disk and not open for
+    /// writing: a conflict copy of `loser` may take its place.
+    fn older_copy(&self, path: &RelPath, name: &CStr, loser: &Version) -> bool {
+        let Some(copy) = path
+            .split_last()
+            .and_then(|(parent, _)| parent.join(OsStr::from_bytes(name.to_bytes())).ok())
+        else {
+            return false;
+        };
+        let Some(e) = self.entry(copy.as_bytes()) else {
+            return false;
+        };
+        e.state.kind == Kind::File
+            && !crate::catalog::unknown_to(&e.state, loser)
+            && !self.unrecorded(copy.as_bytes(), &e)
+            && !self.applied().is_some_and(|a| a.writing(&copy))
+    }
+
     /// Whether the file at `path` differs from what the index recorded of it (a local change
     /// not reported yet: a writer is at work).
     fn unrecorded(&self, path: &[u8], e: &crate::store::CatEntry) -> bool {
@@ -3178,15 +3285,7 @@ impl Inner {
         match self.existing(&rel) {
             Ok(Some((dir, name, st))) if e.stamp.is_some_and(|s| s != stamp_of(&st)) => {
                 // The stamp moved: only a different content counts.
-                openat2_beneath(
-                    dir.as_fd(),
-                    &name,
-                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
-                    0,
-                )
-                .ok()
-                .and_then(|fd| Manifest::from_reader(io::BufReader::new(File::from(fd))).ok())
-                .is_none_or(|m| *m.content_hash() != e.state.hash)
+                content_hash_at(dir.as_fd(), &name) != Some(e.state.hash)
             }
             _ => false,
         }
@@ -3410,7 +3509,8 @@ impl Inner {
                         symlinkat(&ctarget, dir.as_fd(), &name)?;
                     }
                     Decision::TheirsLoses => {
-                        let (copy, there) = conflict_target(dir.as_fd(), &name, &theirs.ver, None);
+                        let (copy, there) =
+                            conflict_target(dir.as_fd(), &name, &theirs.ver, None, &|_| false);
                         at = match path.split_last() {
                             Some((parent, _)) => parent
                                 .join(OsStr::from_bytes(copy.to_bytes()))
@@ -3567,17 +3667,22 @@ impl Inner {
                     fsync_dir(ddir.as_fd());
                 }
                 let _ = self.store.rename_path(&pb(from), &pb(to));
-                self.rename_entries(
-                    from.as_bytes(),
-                    to.as_bytes(),
-                    &sub,
-                    &rver,
-                    ver.and_then(|v| v.history.first()),
-                )?;
+                let renamed = ver.and_then(|v| v.history.first());
+                self.rename_entries(from.as_bytes(), to.as_bytes(), &sub, &rver, renamed)?;
                 if let Some(a) = applied {
                     a.renamed(from, to);
                 }
                 self.forward_op(i, to, op, ver);
+                // What moved is an older content than the one the renamer moved (its later
+                // content was not sent under the old name): ask for the current one.
+                let older = sub.iter().any(|(path, e)| {
+                    path == from.as_bytes()
+                        && matches!(e.state.kind, Kind::File | Kind::Symlink)
+                        && renamed.is_some_and(|h| *h != e.state.hash)
+                });
+                if older {
+                    return Ok(AckOutcome::NeedContent { path: to.clone() });
+                }
                 Ok(AckOutcome::Applied)
             }
             NsOp::SetMeta { path, meta } => {
@@ -4000,31 +4105,27 @@ fn fsync_dir(dir: BorrowedFd<'_>) {
 /// origin and time, so every peer picks the same. `Ok((name, true))`: a file with that name
 /// and `content` is there already (the same copy arrived another way). Otherwise a name not
 /// taken (" 2", " 3", ... before the extension: an earlier conflict copy is never replaced).
+///
+/// A name holding an older version of the loser (`older`: what the loser's origin had
+/// before it, which that origin knowingly replaced) is reused: the loser's later edits update
+/// their copy instead of piling up `... 2`, `... 3` copies of one line of edits.
 fn conflict_target(
     dir: BorrowedFd<'_>,
     name: &CStr,
     loser: &Version,
     content: Option<&Hash>,
+    older: &dyn Fn(&CStr) -> bool,
 ) -> (CString, bool) {
     let first = conflict_name(name, &loser.origin_name, loser.time.max(0) as u64);
-    let same = |n: &CStr| {
-        content.is_some_and(|h| {
-            openat2_beneath(
-                dir,
-                n,
-                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
-                0,
-            )
-            .ok()
-            .and_then(|fd| Manifest::from_reader(io::BufReader::new(File::from(fd))).ok())
-            .is_some_and(|m| m.content_hash() == h)
-        })
-    };
+    let same = |n: &CStr| content.is_some_and(|h| content_hash_at(dir, n).as_ref() == Some(h));
     if lstat_at(dir, &first).is_err() {
         return (first, false);
     }
     if same(&first) {
         return (first, true);
+    }
+    if older(&first) {
+        return (first, false);
     }
     let bytes = first.to_bytes();
     let (stem, ext) = match bytes.iter().rposition(|b| *b == b')') {
@@ -4043,9 +4144,26 @@ fn conflict_target(
             if same(&c) {
                 return (c, true);
             }
+            if older(&c) {
+                return (c, false);
+            }
         }
     }
     (first, false)
+}
+
+/// The content hash of the regular file `name` in `dir` as it is now (`None`: not there, or
+/// unreadable).
+fn content_hash_at(dir: BorrowedFd<'_>, name: &CStr) -> Option<Hash> {
+    let fd = openat2_beneath(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
+        0,
+    )
+    .ok()?;
+    let m = Manifest::from_reader(io::BufReader::new(File::from(fd))).ok()?;
+    Some(*m.content_hash())
 }
 
 /// `report.docx` → `report (conflict peer-b 2026-11-21 10.32).docx`.

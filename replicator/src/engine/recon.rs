@@ -118,7 +118,10 @@ pub(super) struct PeerRecon {
     summary_due: Option<Instant>,
     comparing: bool,
     in_sync: bool,
+    /// Rounds run on this connection (for `status`).
     rounds: u64,
+    /// Rounds run since the digests last agreed (bounded by `MAX_ROUNDS`).
+    streak: u64,
     /// Listings (folder, bucket) sent or received in this round: each is compared once.
     lists_sent: HashSet<(Vec<u8>, Bucket)>,
     haves_sent: HashSet<Vec<u8>>,
@@ -132,6 +135,13 @@ pub(super) struct PeerRecon {
     recv_bytes_total: u64,
     recv_files_base: u64,
     recv_bytes_base: u64,
+}
+
+impl PeerRecon {
+    /// Compare digests with the peer once things have been quiet for a moment.
+    pub(super) fn compare_soon(&mut self) {
+        self.summary_due = Some(Instant::now() + ROUND_QUIET);
+    }
 }
 
 impl Inner {
@@ -177,7 +187,17 @@ impl Inner {
 
     /// A round's message was handled: compare again once things are quiet.
     fn round_activity(&self, p: &Peer) {
-        p.state.lock().recon.summary_due = Some(Instant::now() + ROUND_QUIET);
+        self.compare_when_quiet(p);
+    }
+
+    /// Something from `p` changed this tree (an applied record): compare digests with it
+    /// once things are quiet. Replication alone does not guarantee agreement: a receiver may
+    /// keep a version as a conflict copy that its sender never makes (the sender's own
+    /// version moved on), a relay may have been away, ... The comparison finds any such
+    /// difference while connected, not only at the next reconnection; when nothing differs
+    /// it costs two summaries.
+    pub(super) fn compare_when_quiet(&self, p: &Peer) {
+        p.state.lock().recon.compare_soon();
         p.wake.notify_all();
     }
 
@@ -479,6 +499,7 @@ impl Inner {
         if mine.digest == digest {
             st.recon.in_sync = true;
             st.recon.comparing = false;
+            st.recon.streak = 0;
             drop(st);
             if !reply {
                 // Tell it we agree (it may have compared before its queue drained).
@@ -487,7 +508,7 @@ impl Inner {
             return Ok(());
         }
         st.recon.in_sync = false;
-        if st.recon.rounds >= MAX_ROUNDS {
+        if st.recon.streak >= MAX_ROUNDS {
             if st.recon.comparing {
                 st.recon.comparing = false;
                 let msg = format!(
@@ -500,6 +521,7 @@ impl Inner {
             return Ok(());
         }
         st.recon.rounds += 1;
+        st.recon.streak += 1;
         st.recon.comparing = true;
         st.recon.lists_sent.clear();
         st.recon.haves_sent.clear();
