@@ -104,8 +104,11 @@ def free_ports(n):
 
 # ---------------------------------------------------------------- trees
 
-def tree_names(dirs):
-    """Relative paths of a tree of `dirs` folders of FILES_PER_DIR files each."""
+def tree_names(dirs, flat=False):
+    """Relative paths of a tree of `dirs` folders of FILES_PER_DIR files each (`flat`: the
+    same number of files in the one folder `flat`)."""
+    if flat:
+        return [f"flat/f{k:06d}.bin" for k in range(dirs * FILES_PER_DIR)]
     return [f"d{d:04d}/f{f:03d}.bin" for d in range(dirs) for f in range(FILES_PER_DIR)]
 
 
@@ -594,7 +597,7 @@ class Bench:
         args = self.args
         root = os.path.join(self.dir, "reconnect")
         pair = Pair(args, root)
-        names = tree_names(args.tree_dirs)
+        names = tree_names(args.tree_dirs, args.flat)
         src = os.path.join(self.dir, "rsync", "src-reconnect")
         dst = os.path.join(self.rsync_dst, "reconnect")
         progress(f"(2) seeding {len(names):,} files of {FILE_SIZE} B into A's and B's backing "
@@ -804,6 +807,7 @@ def report(bench, pressure):
     s = bench.samples
     get = lambda case, key: s.get(case, {}).get(key, [])  # noqa: E731
     ntree = args.tree_dirs * FILES_PER_DIR
+    shape = " (one flat folder)" if args.flat else ""
     rows = []
 
     i_p, i_r = median(get("initial", "peerfs_s")), median(get("initial", "rsync_s"))
@@ -820,7 +824,7 @@ def report(bench, pressure):
     })
     f_p, f_w = median(get("first", "peerfs_s")), median(get("first", "peerfs_wire"))
     rows.append({
-        "case": f"first meeting of two identical {ntree:,}-file trees (setup of (2))",
+        "case": f"first meeting of two identical {ntree:,}-file trees{shape} (setup of (2))",
         "pwire": fmt_int(f_w), "rbytes": "", "bratio": "", "ps": fmt_s(f_p), "rs": "",
         "tratio": "",
         "scan": scan_text(get("first", "scan_b")) + " (B)",
@@ -828,10 +832,10 @@ def report(bench, pressure):
     })
     r_b, r_s = median(get("rsync_one", "rsync_bytes")), median(get("rsync_one", "rsync_s"))
     for case, label, who in (
-            ("restart_b", f"(2a) B restarted; 1 file of {ntree:,} changed through A's drive",
-             "B"),
-            ("restart_a", f"(2b) A restarted; 1 file of {ntree:,} changed in A's backing folder",
-             "A")):
+            ("restart_b", f"(2a) B restarted; 1 file of {ntree:,}{shape} changed through A's "
+             "drive", "B"),
+            ("restart_a", f"(2b) A restarted; 1 file of {ntree:,}{shape} changed in A's backing "
+             "folder", "A")):
         p, w = median(get(case, "peerfs_s")), median(get(case, "peerfs_wire"))
         goals = []
         if w is not None:
@@ -986,6 +990,8 @@ def main():
     p.add_argument("--files", type=int, default=10_000, help="files of the initial sync")
     p.add_argument("--tree-dirs", type=int, default=100,
                    help="folders of 100 files in the reconnection tree")
+    p.add_argument("--flat", action="store_true",
+                   help="the reconnection tree's files all in one folder")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--log-level", default="info")
     p.add_argument("--cases", nargs="+", default=["initial", "reconnect"],

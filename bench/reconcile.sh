@@ -20,6 +20,9 @@
 #   RECON_REPS       repetitions of each case; medians are reported (default 3)
 #   RECON_FILES      files of the initial sync (default 10000, in RECON_FILES/100 folders)
 #   BIG=1            the reconnection tree has 100,000 files (default 0: 10,000)
+#   RECON_FLAT=1     the reconnection tree's files all in one folder `flat` (default 0: in
+#                    folders of 100), the worst case of a folder listing
+#   RECON_CASES      which parts to run: "initial", "reconnect" or both (default)
 #   RECON_TIMEOUT    seconds a sync may take before it counts as not done (default 300)
 #   RECON_LOG_LEVEL  log_level of the peers (default info)
 #   KEEP=1           keep the folders, configs and logs in RECON_BENCH_DIR afterwards
@@ -28,7 +31,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export LC_ALL=C
 COMMAND=""
-for v in RECON_BENCH_DIR RECON_REPS RECON_FILES BIG RECON_TIMEOUT RECON_LOG_LEVEL; do
+for v in RECON_BENCH_DIR RECON_REPS RECON_FILES BIG RECON_FLAT RECON_CASES RECON_TIMEOUT \
+    RECON_LOG_LEVEL; do
     if [[ -n "${!v:-}" ]]; then
         COMMAND+="$v=$(printf '%q' "${!v}") "
     fi
@@ -38,6 +42,8 @@ BENCH_DIR=${RECON_BENCH_DIR:-/var/tmp/peerfs-recon-bench}
 REPS=${RECON_REPS:-3}
 FILES=${RECON_FILES:-10000}
 BIG=${BIG:-0}
+FLAT=${RECON_FLAT:-0}
+RUN_CASES=${RECON_CASES:-initial reconnect}
 TIMEOUT=${RECON_TIMEOUT:-300}
 LOG_LEVEL=${RECON_LOG_LEVEL:-info}
 PY=$ROOT/bench/reconcile.py
@@ -58,6 +64,14 @@ for v in REPS FILES TIMEOUT; do
 done
 ((FILES % 100 == 0)) || die "RECON_FILES must be a multiple of 100 (100 folders)"
 [[ $BIG == 0 || $BIG == 1 ]] || die "BIG must be 0 or 1"
+[[ $FLAT == 0 || $FLAT == 1 ]] || die "RECON_FLAT must be 0 or 1"
+read -r -a RUN_CASES <<<"$RUN_CASES"
+((${#RUN_CASES[@]} > 0)) || die "RECON_CASES is empty"
+for c in "${RUN_CASES[@]}"; do
+    [[ $c == initial || $c == reconnect ]] || die "RECON_CASES: unknown case $c"
+done
+FLAT_ARG=()
+[[ $FLAT == 1 ]] && FLAT_ARG=(--flat)
 if [[ $BIG == 1 ]]; then
     TREE_DIRS=1000
 else
@@ -173,7 +187,8 @@ echo "measuring: initial sync of $FILES files, reconnection in a $((TREE_DIRS * 
 # In the background and waited for, so that Ctrl-C or SIGTERM reaches the trap at once.
 python3 "$PY" measure --peerfs "$PEERFS" --dir "$BENCH_DIR" \
     --rsync-url "rsync://127.0.0.1:$RSYNC_PORT/bench/" \
-    --reps "$REPS" --files "$FILES" --tree-dirs "$TREE_DIRS" --timeout "$TIMEOUT" \
+    --reps "$REPS" --files "$FILES" --tree-dirs "$TREE_DIRS" "${FLAT_ARG[@]}" \
+    --cases "${RUN_CASES[@]}" --timeout "$TIMEOUT" \
     --log-level "$LOG_LEVEL" --command "$COMMAND" \
     --note "peerfs $REV (release build); peers A and B on 127.0.0.1 (pinned TLS 1.3), every [locks], [network], [drive] and [replication] key at its default. $(rsync --version | head -n 1 | sed 's/  */ /g'), daemon on 127.0.0.1, \`rsync -a --stats\`. Backing folders and rsync's folders on $FS ($BENCH_DIR)." \
     --markdown "$BENCH_DIR/reconcile.md" --json "$BENCH_DIR/reconcile.json" &

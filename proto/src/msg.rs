@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PeerId, RelPath};
 
 /// The protocol version this build speaks; exchanged in [`Message::Hello`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// One frame's content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +57,61 @@ pub const MAX_VV: usize = 256;
 pub const MAX_HISTORY: usize = 8;
 /// Most entries in one [`ReplMsg::List`] or [`ReplMsg::Have`] frame.
 pub const MAX_ITEMS: usize = 1024;
+
+/// Bits of a child's name hash that each bucket level adds: a bucket splits into
+/// [`BUCKET_FANOUT`] sub-buckets.
+pub const BUCKET_BITS: u32 = 6;
+/// Sub-buckets per bucket (the digests in one [`ReplMsg::Buckets`]).
+pub const BUCKET_FANOUT: usize = 1 << BUCKET_BITS;
+/// Deepest bucket level (a bucket of this level is always listed by name).
+pub const MAX_BUCKET_LEVEL: u8 = 5;
+
+/// A part of a folder's children in a reconciliation listing: those whose name hash (the
+/// first 8 bytes of blake3 of the name, big-endian) begins with the `level * BUCKET_BITS`
+/// bits `index`. Level 0 (index 0) is the whole folder.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct Bucket {
+    pub level: u8,
+    pub index: u64,
+}
+
+impl Bucket {
+    /// The whole folder.
+    pub const ALL: Bucket = Bucket { level: 0, index: 0 };
+
+    /// Checks the bounds decoding cannot express.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.level > MAX_BUCKET_LEVEL {
+            return Err("bucket level too deep");
+        }
+        if self.index >> (u32::from(self.level) * BUCKET_BITS) != 0 {
+            return Err("bucket index out of range");
+        }
+        Ok(())
+    }
+
+    /// Whether a child whose name hashes to `hash` is in this bucket.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.level == 0 || hash >> (64 - u32::from(self.level) * BUCKET_BITS) == self.index
+    }
+
+    /// The sub-bucket (one level deeper) of a child whose name hashes to `hash`, by its
+    /// position `0..BUCKET_FANOUT` in this bucket. Only for a bucket above the deepest level.
+    pub fn slot(&self, hash: u64) -> usize {
+        let shift = 64 - (u32::from(self.level) + 1) * BUCKET_BITS;
+        ((hash >> shift) as usize) & (BUCKET_FANOUT - 1)
+    }
+
+    /// Sub-bucket `slot` of this bucket.
+    pub fn child(&self, slot: usize) -> Bucket {
+        Bucket {
+            level: self.level + 1,
+            index: (self.index << BUCKET_BITS) | (slot as u64 & (BUCKET_FANOUT as u64 - 1)),
+        }
+    }
+}
 
 /// The version of an object at a path: who changed it how often (version vector), where and
 /// when the newest change was made, and the content hashes it replaced (ancestry by hash).
@@ -230,7 +285,6 @@ pub enum ReplMsg {
         size: u64,
         content_hash: Hash,
         meta: Meta,
-        fence: Option<u64>,
         /// Every copy keeps its offset (overwrites, appends, truncations): the receiver may
         /// patch its file in place instead of rebuilding it.
         aligned: bool,
@@ -283,10 +337,11 @@ pub enum ReplMsg {
         /// sides learn they agree).
         reply: bool,
     },
-    /// Reconciliation: the children of folder `dir` with their digests (`more`: the listing
-    /// continues in the next frame).
+    /// Reconciliation: the children of folder `dir` in `bucket` with their digests (`more`:
+    /// the listing continues in the next frame).
     List {
         dir: RelPath,
+        bucket: Bucket,
         items: Vec<ListItem>,
         more: bool,
     },
@@ -299,6 +354,14 @@ pub enum ReplMsg {
     Plan {
         files: u64,
         bytes: u64,
+    },
+    /// Reconciliation: the children of folder `dir` in `bucket` are too many to list: the
+    /// digests of its [`BUCKET_FANOUT`] sub-buckets (XOR of their children's digests, zero
+    /// for an empty one), in order.
+    Buckets {
+        dir: RelPath,
+        bucket: Bucket,
+        digests: Vec<Digest>,
     },
 }
 
@@ -399,9 +462,78 @@ mod tests {
                 fencing: 5,
             }),
             Message::Lock(LockMsg::Holding {
-                locks: vec![(path, 5)],
+                locks: vec![(path.clone(), 5)],
+            }),
+            Message::Repl(ReplMsg::List {
+                dir: path.clone(),
+                bucket: Bucket {
+                    level: 2,
+                    index: 77,
+                },
+                items: vec![ListItem {
+                    name: ByteBuf(b"a.txt".to_vec()),
+                    dir: false,
+                    digest: [3; 16],
+                }],
+                more: false,
+            }),
+            Message::Repl(ReplMsg::Buckets {
+                dir: path,
+                bucket: Bucket::ALL,
+                digests: vec![[1; 16]; BUCKET_FANOUT],
             }),
         ]
+    }
+
+    #[test]
+    fn buckets_partition_by_hash_prefix() {
+        assert!(Bucket::ALL.validate().is_ok());
+        assert!(Bucket { level: 0, index: 1 }.validate().is_err());
+        assert!(
+            Bucket {
+                level: 1,
+                index: 63
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            Bucket {
+                level: 1,
+                index: 64
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Bucket {
+                level: MAX_BUCKET_LEVEL + 1,
+                index: 0
+            }
+            .validate()
+            .is_err()
+        );
+        for hash in [
+            0u64,
+            1,
+            u64::MAX,
+            0x0123_4567_89ab_cdef,
+            0xfedc_ba98_7654_3210,
+        ] {
+            let mut b = Bucket::ALL;
+            while b.level < MAX_BUCKET_LEVEL {
+                assert!(b.contains(hash));
+                let c = b.child(b.slot(hash));
+                assert!(c.validate().is_ok(), "{c:?}");
+                assert!(c.contains(hash), "{hash:x} in {c:?}");
+                // Exactly one sub-bucket holds it.
+                let n = (0..BUCKET_FANOUT)
+                    .filter(|&s| b.child(s).contains(hash))
+                    .count();
+                assert_eq!(n, 1);
+                b = c;
+            }
+        }
     }
 
     #[test]

@@ -162,6 +162,16 @@ pub fn leaf_digest(path: &[u8], e: &EntryState) -> Digest {
     d
 }
 
+/// The hash that puts a child in a listing bucket ([`peerfs_proto::msg::Bucket`]): the first
+/// 8 bytes of blake3 of its name, big-endian. Both peers compute it from the name alone, so
+/// they partition a folder's children identically.
+pub fn bucket_hash(name: &[u8]) -> u64 {
+    let h = blake3::hash(name);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_be_bytes(b)
+}
+
 /// XOR of two digests (a folder's digest is the XOR of every entry below it: O(depth) updates).
 pub fn xor(a: &Digest, b: &Digest) -> Digest {
     let mut o = [0u8; 16];

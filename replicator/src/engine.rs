@@ -1542,7 +1542,8 @@ impl Inner {
         path: &RelPath,
         current: &RelPath,
         base_override: Option<Option<Hash>>,
-        fence: Option<u64>,
+        // The lock's fencing token of the change: no longer sent (versions decide conflicts).
+        _fence: Option<u64>,
     ) -> Result<Sent, Stop> {
         let opened = open_parent(self.root(), current, false).and_then(|(dir, name)| {
             let st = lstat_at(dir.as_fd(), &name)?;
@@ -1681,7 +1682,6 @@ impl Inner {
                 size: new.size(),
                 content_hash: *new.content_hash(),
                 meta,
-                fence,
                 aligned: aligned(&delta),
                 checked,
                 side,
@@ -2324,6 +2324,7 @@ impl Inner {
                 }
                 m @ (ReplMsg::Summary { .. }
                 | ReplMsg::List { .. }
+                | ReplMsg::Buckets { .. }
                 | ReplMsg::Have { .. }
                 | ReplMsg::Plan { .. }) => self.on_recon(i, m),
                 ReplMsg::Ack { .. } | ReplMsg::Progress { .. } => {}

@@ -359,6 +359,9 @@ pub struct Store {
     kv: Kv,
     /// Serialises writers: every update reads counters or indexes before its atomic batch.
     write: Mutex<()>,
+    /// Grows with every change of the reconciliation index (what was computed from it at one
+    /// value is still right while the value stays).
+    cat_gen: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -384,6 +387,7 @@ impl Store {
         Ok(Store {
             kv,
             write: Mutex::new(()),
+            cat_gen: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -1031,7 +1035,17 @@ impl Store {
         for (dir, s) in sums {
             b.put(key(K_DIG, &[&dir]), encode(&s));
         }
-        self.kv.apply(b)
+        self.kv.apply(b)?;
+        // After the batch: a reader that took the old value before reading stays outdated.
+        self.cat_gen
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// A value that changes whenever the reconciliation index does: read it *before* reading
+    /// the index, and what was read stays right as long as it has not changed.
+    pub fn cat_generation(&self) -> u64 {
+        self.cat_gen.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The summary of folder `dir` (empty: the root).

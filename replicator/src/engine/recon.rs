@@ -12,6 +12,12 @@
 //! that sees the difference lists the root's children with their subtree digests
 //! ([`ReplMsg::List`]); each side descends only into folders whose digests differ, and for
 //! every differing name sends its state ([`ReplMsg::Have`]: kind, content hash, version).
+//! A folder (or part of one) with more than [`LIST_THRESHOLD`] children is not listed by
+//! name: its children are partitioned into [`BUCKET_FANOUT`] buckets by a hash of their names
+//! and only the buckets' digests travel ([`ReplMsg::Buckets`]); the other side lists only
+//! the buckets whose digests differ, recursively (six more bits of the hash per level). One
+//! changed name in a folder of N children then costs about 1 KiB per level and a listing of
+//! at most [`LIST_THRESHOLD`] names, not N names.
 //! Seeing the other's state, each side queues its own version for the other exactly when the
 //! other would take it ([`crate::catalog::decide`] from the other's point of view): newer,
 //! concurrent (both are queued and both sides keep the same winner and conflict copy), or a
@@ -25,11 +31,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use peerfs_proto::msg::{Digest, ListItem, MAX_ITEMS};
+use peerfs_proto::msg::{BUCKET_FANOUT, Bucket, Digest, ListItem, MAX_BUCKET_LEVEL, MAX_ITEMS};
 
 use super::versions::{gone, kind_of};
 use super::*;
-use crate::catalog::{decide, leaf_digest, max_clock, xor};
+use crate::catalog::{bucket_hash, decide, leaf_digest, max_clock, xor};
 use crate::store::CatEntry;
 
 /// Comparison rounds per connection that may queue something before giving up (a path that
@@ -39,6 +45,24 @@ const MAX_ROUNDS: u64 = 8;
 const ROUND_QUIET: Duration = Duration::from_millis(300);
 /// Conflicts kept for `status`.
 const MAX_CONFLICT_NOTES: usize = 100;
+/// A listing of more live children than this sends bucket digests instead of names.
+const LIST_THRESHOLD: usize = 64;
+/// Large folders whose children's digests are kept between the messages of a comparison
+/// (valid while the index does not change).
+const CHILDREN_CACHE: usize = 4;
+
+/// One child of a folder, as the comparison sees it.
+pub(super) struct Child {
+    name: Vec<u8>,
+    /// [`bucket_hash`] of the name.
+    hash: u64,
+    kind: Kind,
+    /// The digest of it with everything below it (zero for a tombstone).
+    digest: Digest,
+}
+
+/// (index generation, folder, its children by name).
+type CachedChildren = (u64, Vec<u8>, Arc<Vec<Child>>);
 
 /// A conflict copy made here, for `status` and the log.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -81,6 +105,7 @@ pub struct SyncProgress {
 pub(super) struct Shared {
     conflicts: Mutex<VecDeque<ConflictNote>>,
     scan: Mutex<ScanReport>,
+    children: Mutex<VecDeque<CachedChildren>>,
 }
 
 /// Per-peer reconciliation state (reset on every connection).
@@ -97,10 +122,11 @@ pub(super) struct PeerRecon {
     rounds: u64,
     /// Rounds run since the digests last agreed (bounded by `MAX_ROUNDS`).
     streak: u64,
-    lists_sent: HashSet<Vec<u8>>,
+    /// Listings (folder, bucket) sent or received in this round: each is compared once.
+    lists_sent: HashSet<(Vec<u8>, Bucket)>,
     haves_sent: HashSet<Vec<u8>>,
     /// A listing arriving in several frames.
-    partial: Option<(Vec<u8>, Vec<ListItem>)>,
+    partial: Option<(Vec<u8>, Bucket, Vec<ListItem>)>,
     files_total: u64,
     bytes_total: u64,
     acked_base: u64,
@@ -429,7 +455,17 @@ impl Inner {
                 reply,
                 ..
             } => self.on_summary(&p, digest, configured, reply),
-            ReplMsg::List { dir, items, more } => self.on_list(i, &p, dir, items, more),
+            ReplMsg::List {
+                dir,
+                bucket,
+                items,
+                more,
+            } => self.on_list(i, &p, dir, bucket, items, more),
+            ReplMsg::Buckets {
+                dir,
+                bucket,
+                digests,
+            } => self.on_buckets(&p, dir, bucket, digests),
             ReplMsg::Have { items } => self.on_have(i, &p, items),
             ReplMsg::Plan { files, bytes } => {
                 let mut st = p.state.lock();
@@ -489,37 +525,77 @@ impl Inner {
         st.recon.comparing = true;
         st.recon.lists_sent.clear();
         st.recon.haves_sent.clear();
-        st.recon.lists_sent.insert(Vec::new());
+        st.recon.lists_sent.insert((Vec::new(), Bucket::ALL));
         drop(st);
-        self.send_list(p, b"")
+        self.send_listing(p, b"", Bucket::ALL)
     }
 
-    /// The live children of `dir` here, with their digests (a folder's includes its subtree).
-    fn children(&self, dir: &[u8]) -> io::Result<BTreeMap<Vec<u8>, (CatEntry, Digest)>> {
-        let mut out = BTreeMap::new();
+    /// The children of `dir` here (tombstones too), by name, with their digests (a folder's
+    /// includes its subtree). Kept for large folders while the index does not change, so a
+    /// comparison descending through the buckets of one folder reads it once.
+    fn children(&self, dir: &[u8]) -> io::Result<Arc<Vec<Child>>> {
+        // Read before the index: a change after this makes the cached copy outdated.
+        let generation = self.store.cat_generation();
+        {
+            let cache = self.recon.children.lock();
+            if let Some((_, _, c)) = cache.iter().find(|(g, d, _)| *g == generation && d == dir) {
+                return Ok(c.clone());
+            }
+        }
+        let mut out = Vec::new();
         for (name, e) in self.store.cat_children(dir).map_err(ioerr)? {
             let path = join_bytes(dir, &name);
             let mut d = leaf_digest(&path, &e.state);
             if e.state.kind == Kind::Dir {
                 d = xor(&d, &self.store.dir_sum(&path).map_err(ioerr)?.digest);
             }
-            out.insert(name, (e, d));
+            out.push(Child {
+                hash: bucket_hash(&name),
+                name,
+                kind: e.state.kind,
+                digest: d,
+            });
+        }
+        let out = Arc::new(out);
+        if out.len() > LIST_THRESHOLD {
+            let mut cache = self.recon.children.lock();
+            cache.retain(|(g, d, _)| *g == generation && d != dir);
+            if cache.len() >= CHILDREN_CACHE {
+                cache.pop_front();
+            }
+            cache.push_back((generation, dir.to_vec(), out.clone()));
         }
         Ok(out)
     }
 
-    fn send_list(&self, p: &Peer, dir: &[u8]) -> io::Result<()> {
+    /// Sends this server's listing of `bucket` of folder `dir`: its live children by name, or
+    /// when they are more than [`LIST_THRESHOLD`], the digests of its sub-buckets.
+    fn send_listing(&self, p: &Peer, dir: &[u8], bucket: Bucket) -> io::Result<()> {
         let Some(rel) = path_of_bytes(dir) else {
             return Ok(());
         };
-        let items: Vec<ListItem> = self
-            .children(dir)?
-            .into_iter()
-            .filter(|(_, (e, _))| e.state.kind != Kind::Gone)
-            .map(|(name, (e, d))| ListItem {
-                name: ByteBuf(name),
-                dir: e.state.kind == Kind::Dir,
-                digest: d,
+        let kids = self.children(dir)?;
+        let live = || {
+            kids.iter()
+                .filter(move |c| c.kind != Kind::Gone && bucket.contains(c.hash))
+        };
+        if bucket.level < MAX_BUCKET_LEVEL && live().count() > LIST_THRESHOLD {
+            self.transport.send(
+                p.id,
+                ReplMsg::Buckets {
+                    dir: rel,
+                    bucket,
+                    digests: bucket_digests(&kids, bucket),
+                },
+                true,
+            );
+            return Ok(());
+        }
+        let items: Vec<ListItem> = live()
+            .map(|c| ListItem {
+                name: ByteBuf(c.name.clone()),
+                dir: c.kind == Kind::Dir,
+                digest: c.digest,
             })
             .collect();
         let parts: Vec<&[ListItem]> = if items.is_empty() {
@@ -533,6 +609,7 @@ impl Inner {
                 p.id,
                 ReplMsg::List {
                     dir: rel.clone(),
+                    bucket,
                     items: part.to_vec(),
                     more: k + 1 < n,
                 },
@@ -542,22 +619,70 @@ impl Inner {
         Ok(())
     }
 
+    /// The peer's digests of the sub-buckets of `bucket` of `dir`: list ours of those that
+    /// differ.
+    fn on_buckets(
+        &self,
+        p: &Peer,
+        dir: RelPath,
+        bucket: Bucket,
+        digests: Vec<Digest>,
+    ) -> io::Result<()> {
+        bucket
+            .validate()
+            .map_err(|e| ioerr(format!("refusing a bucket listing of {dir}: {e}")))?;
+        if bucket.level >= MAX_BUCKET_LEVEL {
+            return Err(ioerr(format!(
+                "refusing a bucket listing of {dir}: below the deepest level"
+            )));
+        }
+        if digests.len() != BUCKET_FANOUT {
+            return Err(ioerr(format!(
+                "refusing a bucket listing of {dir}: {} digests instead of {BUCKET_FANOUT}",
+                digests.len()
+            )));
+        }
+        let dirb = dir.as_bytes().to_vec();
+        {
+            let mut st = p.state.lock();
+            st.recon.comparing = true;
+            st.recon.lists_sent.insert((dirb.clone(), bucket));
+        }
+        let mine = bucket_digests(&self.children(&dirb)?, bucket);
+        for (slot, (m, t)) in mine.iter().zip(&digests).enumerate() {
+            if m == t {
+                continue;
+            }
+            let sub = bucket.child(slot);
+            let fresh = p.state.lock().recon.lists_sent.insert((dirb.clone(), sub));
+            if fresh {
+                self.send_listing(p, &dirb, sub)?;
+            }
+        }
+        self.round_activity(p);
+        Ok(())
+    }
+
     fn on_list(
         &self,
         i: usize,
         p: &Peer,
         dir: RelPath,
+        bucket: Bucket,
         items: Vec<ListItem>,
         more: bool,
     ) -> io::Result<()> {
         if items.len() > MAX_ITEMS {
             return Err(ioerr("a listing frame with too many entries"));
         }
+        bucket
+            .validate()
+            .map_err(|e| ioerr(format!("refusing a listing of {dir}: {e}")))?;
         let dirb = dir.as_bytes().to_vec();
         let theirs = {
             let mut st = p.state.lock();
             let partial = match st.recon.partial.take() {
-                Some((d, mut acc)) if d == dirb => {
+                Some((d, b, mut acc)) if d == dirb && b == bucket => {
                     acc.extend(items);
                     acc
                 }
@@ -567,13 +692,14 @@ impl Inner {
                 if partial.len() > 4 * 1024 * 1024 {
                     return Err(ioerr("a folder listing too large"));
                 }
-                st.recon.partial = Some((dirb, partial));
+                st.recon.partial = Some((dirb, bucket, partial));
                 return Ok(());
             }
             st.recon.comparing = true;
-            st.recon.lists_sent.insert(dirb.clone());
+            st.recon.lists_sent.insert((dirb.clone(), bucket));
             partial
         };
+        let mut outside = 0usize;
         let theirs: BTreeMap<Vec<u8>, ListItem> = theirs
             .into_iter()
             .filter(|it| {
@@ -583,10 +709,27 @@ impl Inner {
                     && it.name.0 != b"."
                     && it.name.0 != b".."
             })
+            .filter(|it| {
+                let inside = bucket.contains(bucket_hash(&it.name.0));
+                outside += usize::from(!inside);
+                inside
+            })
             .map(|it| (it.name.0.clone(), it))
             .collect();
-        let mine = self.children(&dirb)?;
-        let mut names: Vec<&Vec<u8>> = theirs.keys().chain(mine.keys()).collect();
+        if outside > 0 {
+            tracing::warn!(peer = %p.name, dir = %dir, outside, "reconciliation: ignoring listed names outside their bucket");
+        }
+        let kids = self.children(&dirb)?;
+        let mine: BTreeMap<&[u8], &Child> = kids
+            .iter()
+            .filter(|c| bucket.contains(c.hash))
+            .map(|c| (&c.name[..], c))
+            .collect();
+        let mut names: Vec<&[u8]> = theirs
+            .keys()
+            .map(Vec::as_slice)
+            .chain(mine.keys().copied())
+            .collect();
         names.sort();
         names.dedup();
         let mut haves = Vec::new();
@@ -594,17 +737,22 @@ impl Inner {
         for name in names {
             let path = join_bytes(&dirb, name);
             let t = theirs.get(name);
-            let m = mine.get(name).filter(|(e, _)| e.state.kind != Kind::Gone);
+            let m = mine.get(name).filter(|c| c.kind != Kind::Gone);
             match (m, t) {
-                (Some((_, dm)), Some(t)) if *dm == t.digest => {}
-                (Some((e, _)), Some(t)) if e.state.kind == Kind::Dir && t.dir => lists.push(path),
+                (Some(c), Some(t)) if c.digest == t.digest => {}
+                (Some(c), Some(t)) if c.kind == Kind::Dir && t.dir => lists.push(path),
                 _ => haves.push(path),
             }
         }
         for path in lists {
-            let fresh = p.state.lock().recon.lists_sent.insert(path.clone());
+            let fresh = p
+                .state
+                .lock()
+                .recon
+                .lists_sent
+                .insert((path.clone(), Bucket::ALL));
             if fresh {
-                self.send_list(p, &path)?;
+                self.send_listing(p, &path, Bucket::ALL)?;
             }
         }
         self.send_haves(p, haves)?;
@@ -948,6 +1096,20 @@ impl Inner {
         }
         Ok(Some(kind))
     }
+}
+
+/// The digests of the [`BUCKET_FANOUT`] sub-buckets of `bucket` among `kids` (XOR of their
+/// live children's digests; tombstones count as nothing).
+fn bucket_digests(kids: &[Child], bucket: Bucket) -> Vec<Digest> {
+    let mut out = vec![[0u8; 16]; BUCKET_FANOUT];
+    for c in kids
+        .iter()
+        .filter(|c| c.kind != Kind::Gone && bucket.contains(c.hash))
+    {
+        let slot = bucket.slot(c.hash);
+        out[slot] = xor(&out[slot], &c.digest);
+    }
+    out
 }
 
 /// `dir/name` (`name` alone at the root).
