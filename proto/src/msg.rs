@@ -314,9 +314,12 @@ pub enum ReplMsg {
         seq: u64,
     },
     /// `holds`: for a content transfer, the content hash the receiver now has at the path
-    /// (what the sender may take as that peer's version from now on).
+    /// (what the sender may take as that peer's version from now on). `epoch`: the stream the
+    /// record came in; an answer from an earlier stream says nothing about the record as it
+    /// was sent again.
     Ack {
         seq: u64,
+        epoch: u64,
         outcome: AckOutcome,
         holds: Option<Hash>,
     },

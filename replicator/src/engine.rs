@@ -530,9 +530,10 @@ impl Replicator {
         match msg {
             ReplMsg::Ack {
                 seq,
+                epoch,
                 outcome,
                 holds,
-            } => self.inner.on_ack(i, seq, outcome, holds),
+            } => self.inner.on_ack(i, seq, epoch, outcome, holds),
             ReplMsg::Progress { seq, bytes } => {
                 let mut st = p.state.lock();
                 st.progress.insert(seq, bytes);
@@ -1904,7 +1905,7 @@ impl Inner {
         }
     }
 
-    fn on_ack(&self, i: usize, seq: u64, outcome: AckOutcome, holds: Option<Hash>) {
+    fn on_ack(&self, i: usize, seq: u64, epoch: u64, outcome: AckOutcome, holds: Option<Hash>) {
         let p = &self.peers[i];
         // The version the peer now holds, even for a record sent before a restart.
         if let (AckOutcome::Applied, Some(h)) = (&outcome, holds) {
@@ -1920,6 +1921,12 @@ impl Inner {
             }
         }
         let mut st = p.state.lock();
+        if epoch != st.epoch {
+            // An answer of an earlier stream: the record was sent again since (or will be),
+            // and that sending gets its own answer.
+            tracing::trace!(peer = %p.name, seq, epoch, current = st.epoch, ?outcome, "replication: an answer of an earlier stream; ignored");
+            return;
+        }
         let Some(pos) = st.inflight.iter().position(|f| f.seq == seq) else {
             tracing::trace!(peer = %p.name, seq, ?outcome, "replication: an answer for a record not in flight; ignored");
             return;
@@ -2199,7 +2206,7 @@ impl Inner {
                     outcome,
                     AckOutcome::Applied | AckOutcome::Failed { retry: false, .. }
                 );
-                self.ack(&p, seq, outcome, holds);
+                self.ack(&p, seq, epoch, outcome, holds);
                 goes_on
             };
             match msg {
@@ -2310,7 +2317,8 @@ impl Inner {
                                     halted = true;
                                 }
                             }
-                            Finished::Deferred(pending) => {
+                            Finished::Deferred(mut pending) => {
+                                pending.epoch = epoch;
                                 batch.push(*pending);
                                 if batch.len() >= BATCH_FILES {
                                     self.commit_batch(&p, &mut batch);
@@ -2359,8 +2367,15 @@ impl Inner {
     }
 
     /// Acknowledges record `seq` to `p`; true if it was applied.
-    fn ack(&self, p: &Peer, seq: u64, outcome: AckOutcome, holds: Option<Hash>) -> bool {
-        tracing::trace!(me = %self.cfg.me_name, peer = %p.name, seq, ?outcome, "replication: answer");
+    fn ack(
+        &self,
+        p: &Peer,
+        seq: u64,
+        epoch: u64,
+        outcome: AckOutcome,
+        holds: Option<Hash>,
+    ) -> bool {
+        tracing::trace!(me = %self.cfg.me_name, peer = %p.name, seq, epoch, ?outcome, "replication: answer");
         let ok = outcome == AckOutcome::Applied;
         if ok {
             p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
@@ -2370,6 +2385,7 @@ impl Inner {
             p.id,
             ReplMsg::Ack {
                 seq,
+                epoch,
                 outcome,
                 holds: if ok { holds } else { None },
             },
@@ -2392,7 +2408,7 @@ impl Inner {
         let applying = self.apply_lock.lock();
         let mut outcomes = Vec::with_capacity(batch.len());
         for pd in batch.drain(..) {
-            let seq = pd.seq;
+            let (seq, epoch) = (pd.seq, pd.epoch);
             let holds = Some(pd.content_hash);
             let r = (|| -> io::Result<AckOutcome> {
                 if !synced {
@@ -2407,14 +2423,14 @@ impl Inner {
                     failed(&e)
                 }
             };
-            outcomes.push((seq, outcome, holds));
+            outcomes.push((seq, epoch, outcome, holds));
         }
         drop(applying);
         if synced && !syncfs(self.root()) {
             tracing::warn!("replication: the renames of a batch may not be durable yet");
         }
-        for (seq, outcome, holds) in outcomes {
-            self.ack(p, seq, outcome, holds);
+        for (seq, epoch, outcome, holds) in outcomes {
+            self.ack(p, seq, epoch, outcome, holds);
         }
     }
 
@@ -2865,6 +2881,7 @@ impl Inner {
             if may_defer && plain {
                 deferred = Some(Box::new(Pending {
                     seq: t.seq,
+                    epoch: 0,
                     path: t.path.clone(),
                     dir: t.dir.try_clone()?,
                     name: t.name.clone(),
@@ -3901,6 +3918,8 @@ enum Finished {
 /// A verified new version waiting in its intermediate file for the batch commit.
 struct Pending {
     seq: u64,
+    /// The stream it came in (set by the receiver).
+    epoch: u64,
     path: RelPath,
     dir: OwnedFd,
     name: CString,

@@ -222,6 +222,13 @@ impl Cluster {
             dirs.push(backing);
             dirs.push(state);
         }
+        // Start from scanned trees: the start scan runs in the background, and a test that
+        // acts before it ends races it (these tests are about peers, not the scan).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !nodes.iter().all(|n| n.repl.scan_report().done) {
+            assert!(Instant::now() < deadline, "start scans did not finish");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Cluster {
             _dirs: dirs,
             net,
@@ -1152,9 +1159,17 @@ fn regression_a_name_made_by_rename_on_one_side_and_renamed_away_on_the_other() 
             Cut { a: 0, b: 2 },
             Write { peer: 0, file: 0 },
             Write { peer: 0, file: 0 },
-            Rename { peer: 0, from: 0, to: 3 },
+            Rename {
+                peer: 0,
+                from: 0,
+                to: 3,
+            },
             Write { peer: 1, file: 3 },
-            Rename { peer: 1, from: 3, to: 1 },
+            Rename {
+                peer: 1,
+                from: 3,
+                to: 1,
+            },
         ])
         .unwrap_or_else(|e| panic!("{e}"));
     }
