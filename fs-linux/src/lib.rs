@@ -810,6 +810,16 @@ impl Filesystem for Adapter {
                 Ok(opened) => {
                     match me.backing_for(opened, |f| reply.open_backing(f.backing_fd())) {
                         Some(id) => {
+                            // A setuid/setgid file that is already open in passthrough mode
+                            // stays in it (the kernel does not mix modes on an inode, and a
+                            // handle's release reaches us after its close returned): the
+                            // daemon will not see this writer's writes, so the bits go now,
+                            // not at its first write.
+                            if opened.sets_id && writes && kill {
+                                if let Err(e) = me.vfs.kill_suidgid_now(opened.fh) {
+                                    warn!(error = %e, "cannot clear setuid/setgid for a writer");
+                                }
+                            }
                             reply.opened_passthrough(FileHandle(opened.fh), OPEN_FLAGS, &id)
                         }
                         None => reply.opened(FileHandle(opened.fh), OPEN_FLAGS),

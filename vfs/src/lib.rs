@@ -1430,6 +1430,13 @@ impl Vfs {
         self.count(r)
     }
 
+    /// Clears setuid/setgid of the file behind handle `fh` now: for an unprivileged writer
+    /// whose writes the drive will not see (kernel passthrough), instead of at its first write.
+    pub fn kill_suidgid_now(&self, fh: u64) -> Result<()> {
+        let h = self.file(fh)?;
+        self.kill_suidgid(h.node, h.fd.as_fd())
+    }
+
     /// Writes at `offset`. `kill_suidgid`: the writer is unprivileged (the kernel says so), so
     /// setuid/setgid are cleared first, as a write on the plain folder would.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {
