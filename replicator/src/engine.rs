@@ -3722,7 +3722,15 @@ impl Inner {
                     // object under the name it had.
                     renameat2_exchange(sdir.as_fd(), &sname, ddir.as_fd(), &dname)?;
                     fsync_dir(ddir.as_fd());
-                    (self.trash)(self.root(), from, to, &p.name)?;
+                    if let Err(e) = (self.trash)(self.root(), from, to, &p.name) {
+                        // Put both back as they were: the index still describes them so.
+                        if let Err(e2) =
+                            renameat2_exchange(sdir.as_fd(), &sname, ddir.as_fd(), &dname)
+                        {
+                            tracing::error!(from = %from, to = %to, "replication: cannot undo a rename's exchange after the trash failed: {e2}");
+                        }
+                        return Err(e);
+                    }
                 } else {
                     if let Some(dst) = dst {
                         if !(dst.st_ino == sst.st_ino && dst.st_dev == sst.st_dev) {
