@@ -294,22 +294,31 @@ impl Inner {
         };
         let clock = self.store.next_clock().map_err(ioerr)?;
         let old_to = self.entry(to);
-        let base = merge(
-            &top.state.ver.vv,
-            old_to.as_ref().map_or(&[][..], |e| &e.state.ver.vv[..]),
-        );
+        // The content renamed, as its own ancestor (first: receivers read it as what the
+        // rename moved), then the file it replaces: a peer holding that one at `to` sees the
+        // rename descend from it. The replaced file's vector is not merged in: its counters
+        // come from another name's changes, and the renamed file's versions would then look
+        // newer than edits of the renamed name it never saw (a peer overwrote one).
+        let mut history = if matches!(top.state.kind, Kind::File | Kind::Symlink) {
+            push_history(&top.state.ver.history, top.state.hash)
+        } else {
+            top.state.ver.history.clone()
+        };
+        if let Some(o) = old_to
+            .as_ref()
+            .filter(|o| matches!(o.state.kind, Kind::File | Kind::Symlink))
+        {
+            if !history.contains(&o.state.hash) {
+                history.insert(history.len().min(1), o.state.hash);
+                history.truncate(peerfs_proto::msg::MAX_HISTORY);
+            }
+        }
         let ver = Version {
-            vv: bump(&base, self.cfg.me, clock),
+            vv: bump(&top.state.ver.vv, self.cfg.me, clock),
             origin: self.cfg.me,
             origin_name: self.cfg.me_name.clone(),
             time: now_secs(),
-            // The content renamed, as its own ancestor: a peer whose vector for it differs
-            // still sees that the rename knew it.
-            history: if matches!(top.state.kind, Kind::File | Kind::Symlink) {
-                push_history(&top.state.ver.history, top.state.hash)
-            } else {
-                top.state.ver.history.clone()
-            },
+            history,
             mclock: top.state.ver.mclock,
             mpeer: top.state.ver.mpeer,
         };
