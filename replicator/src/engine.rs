@@ -2128,8 +2128,9 @@ impl Inner {
         // Side transfers in progress (their pieces interleave with the stream).
         let mut side: HashMap<u64, Transfer> = HashMap::new();
         // Small new versions built and waiting to be committed together (one filesystem
-        // sync for many files, then their renames, then their acknowledgements).
-        let mut batch: Vec<Pending> = Vec::new();
+        // sync for many files, then their renames, then their acknowledgements), and the
+        // acknowledgements of records handled meanwhile, which go out after them (in order).
+        let mut batch: Vec<Queued> = Vec::new();
         // Nothing from peers is applied before the start scan has recorded what is here.
         while self.scanning.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
@@ -2153,14 +2154,14 @@ impl Inner {
                     }
                 }
             };
-            // Anything but the pieces of an unrelated transfer waits for the batch.
+            // Anything but the pieces of a transfer, or a transfer or operation on paths
+            // unrelated to the batch's (e.g. the next folder of a tree), waits for the batch.
             let related = match &m {
                 Incoming::Msg(
                     ReplMsg::Copy { .. } | ReplMsg::Data { .. } | ReplMsg::End { .. },
                 ) => false,
-                Incoming::Msg(ReplMsg::Begin { path, .. }) => batch
-                    .iter()
-                    .any(|b| b.path.starts_with(path) || path.starts_with(&b.path)),
+                Incoming::Msg(ReplMsg::Begin { path, .. }) => touches(&batch, &[path]),
+                Incoming::Msg(ReplMsg::Op { op, .. }) => touches(&batch, &op_paths(op)),
                 _ => true,
             };
             if related && !batch.is_empty() {
@@ -2200,13 +2201,23 @@ impl Inner {
             // True while the stream goes on: after an outcome that makes the sender restart
             // (a retry, a base or content it must change) the rest of this stream is dropped
             // until the restart arrives. A change refused for good is skipped by the sender,
-            // which goes on with the same stream.
-            let ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
+            // which goes on with the same stream. Acknowledgements keep the stream's order:
+            // behind a waiting batch they wait too.
+            let mut ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
                 let goes_on = matches!(
                     outcome,
                     AckOutcome::Applied | AckOutcome::Failed { retry: false, .. }
                 );
-                self.ack(&p, seq, epoch, outcome, holds);
+                if batch.is_empty() {
+                    self.ack(&p, seq, epoch, outcome, holds);
+                } else {
+                    batch.push(Queued::Ack {
+                        seq,
+                        epoch,
+                        outcome,
+                        holds,
+                    });
+                }
                 goes_on
             };
             match msg {
@@ -2319,7 +2330,7 @@ impl Inner {
                             }
                             Finished::Deferred(mut pending) => {
                                 pending.epoch = epoch;
-                                batch.push(*pending);
+                                batch.push(Queued::File(pending));
                                 if batch.len() >= BATCH_FILES {
                                     self.commit_batch(&p, &mut batch);
                                 }
@@ -2400,14 +2411,26 @@ impl Inner {
     /// then each is renamed into place (readers see whole files only), one more sync makes
     /// the renames durable, and only then are they acknowledged. A crash before the first
     /// sync leaves only intermediate files (swept at start); the sender resends.
-    fn commit_batch(&self, p: &Peer, batch: &mut Vec<Pending>) {
+    fn commit_batch(&self, p: &Peer, batch: &mut Vec<Queued>) {
         if batch.is_empty() {
             return;
         }
         let synced = syncfs(self.root());
         let applying = self.apply_lock.lock();
         let mut outcomes = Vec::with_capacity(batch.len());
-        for pd in batch.drain(..) {
+        for q in batch.drain(..) {
+            let pd = match q {
+                Queued::File(pd) => *pd,
+                Queued::Ack {
+                    seq,
+                    epoch,
+                    outcome,
+                    holds,
+                } => {
+                    outcomes.push((seq, epoch, outcome, holds));
+                    continue;
+                }
+            };
             let (seq, epoch) = (pd.seq, pd.epoch);
             let holds = Some(pd.content_hash);
             let r = (|| -> io::Result<AckOutcome> {
@@ -3913,6 +3936,40 @@ enum Finished {
     Done(AckOutcome),
     /// Built and verified; committed with the next batch.
     Deferred(Box<Pending>),
+}
+
+/// What waits for the next batch commit, in stream order.
+enum Queued {
+    File(Box<Pending>),
+    /// The acknowledgement of a record handled while the batch was waiting.
+    Ack {
+        seq: u64,
+        epoch: u64,
+        outcome: AckOutcome,
+        holds: Option<Hash>,
+    },
+}
+
+/// Whether any of `paths` is, contains or lies within a path of a waiting file.
+fn touches(batch: &[Queued], paths: &[&RelPath]) -> bool {
+    batch.iter().any(|q| match q {
+        Queued::File(b) => paths
+            .iter()
+            .any(|path| b.path.starts_with(path) || path.starts_with(&b.path)),
+        Queued::Ack { .. } => false,
+    })
+}
+
+/// The paths a namespace operation touches.
+fn op_paths(op: &NsOp) -> Vec<&RelPath> {
+    match op {
+        NsOp::Rename { from, to } => vec![from, to],
+        NsOp::Link { existing, path } => vec![existing, path],
+        NsOp::Mkdir { path, .. }
+        | NsOp::Symlink { path, .. }
+        | NsOp::Remove { path }
+        | NsOp::SetMeta { path, .. } => vec![path],
+    }
 }
 
 /// A verified new version waiting in its intermediate file for the batch commit.
