@@ -4,8 +4,11 @@
 //!
 //! Threads: one sender per peer (blocking file I/O, bounded memory: one chunk at a time, at
 //! most [`Config::window`] bytes of content unacknowledged), one receiver per peer (applies
-//! that peer's stream in order). The network is behind [`Transport`]; acknowledgements and
-//! flow credit arrive through [`Replicator::on_message`] and are handled inline.
+//! that peer's stream in order) with a commit thread beside it (small new files are committed
+//! in batches — one filesystem sync, the renames, one more sync, then their acknowledgements —
+//! while the receiver builds the next batch). The network is behind [`Transport`];
+//! acknowledgements and flow credit arrive through [`Replicator::on_message`] and are handled
+//! inline.
 //!
 //! Stream order is queue order: each peer applies records in the order they happened here.
 //! A receiver that refuses a record (its base differs, a rename's source is missing, a disk is
@@ -69,7 +72,9 @@ pub use crate::apply::TMP_PREFIX;
 /// Largest bytes payload of one `Data` message (the Bulk lane's frames are ≤ 64 KiB).
 const DATA_PART: usize = 60 * 1024;
 /// Records sent ahead of their acknowledgements.
-const MAX_INFLIGHT: usize = 256;
+const MAX_INFLIGHT: usize = 1024;
+/// Acknowledged records are removed from the durable queue at least this often.
+const TRIM_EVERY: u64 = 128;
 /// Content transfers with more new bytes than this go beside the stream, so that small changes
 /// queued after a large file do not wait for all of it.
 const SIDE_MIN_BYTES: u64 = 4 * 1024 * 1024;
@@ -232,6 +237,8 @@ struct PeerState {
     inflight: VecDeque<Inflight>,
     /// Highest seq acknowledged (every record up to it is applied or skipped).
     acked_upto: Option<u64>,
+    /// Highest seq removed from the durable queue (trimming lags acknowledgements a little).
+    trimmed_upto: Option<u64>,
     progress: HashMap<u64, u64>,
     overrides: HashMap<u64, Override>,
     backoff: Duration,
@@ -676,6 +683,16 @@ impl Inner {
             }
             let mut st = p.state.lock();
             st.connected = true;
+            // Acknowledged records still in the queue (trimming lags) are not sent again.
+            if let Some(a) = st
+                .acked_upto
+                .filter(|a| st.trimmed_upto.is_none_or(|t| *a > t))
+            {
+                st.trimmed_upto = Some(a);
+                if let Err(e) = self.store.ack(&p.key, a) {
+                    tracing::warn!("replication: cannot trim the queue: {e}");
+                }
+            }
             // What the peer asked for on an earlier connection may no longer hold.
             st.overrides.clear();
             self.restart(&mut st, 0);
@@ -2002,10 +2019,20 @@ impl Inner {
                 st.sent_ids.retain(|s, _| *s > last);
             }
         }
+        // The durable queue is trimmed once nothing is in flight, or every TRIM_EVERY records
+        // during a long stream (each trim walks the queue's head: per ack, that was a large
+        // part of a sender's work for many small files). Records acknowledged but not trimmed
+        // yet are only sent again after a restart, which is harmless (replays are idempotent).
+        let trim = last.filter(|l| {
+            st.inflight.is_empty() || st.trimmed_upto.is_none_or(|t| *l >= t + TRIM_EVERY)
+        });
+        if trim.is_some() {
+            st.trimmed_upto = trim;
+        }
         drop(st);
         p.wake.notify_all();
         let _ = acked;
-        if let Some(last) = last {
+        if let Some(last) = trim {
             if let Err(e) = self.store.ack(&p.key, last) {
                 tracing::warn!("replication: cannot trim the queue: {e}");
             }
@@ -2131,6 +2158,8 @@ impl Inner {
         // sync for many files, then their renames, then their acknowledgements), and the
         // acknowledgements of records handled meanwhile, which go out after them (in order).
         let mut batch: Vec<Queued> = Vec::new();
+        // Batches are committed on a thread of their own while the next one is built.
+        let mut committer = Committer::start(self.clone(), p.clone());
         // Nothing from peers is applied before the start scan has recorded what is here.
         while self.scanning.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
@@ -2145,27 +2174,34 @@ impl Inner {
                 match rx.try_recv() {
                     Ok(m) => m,
                     Err(mpsc::TryRecvError::Empty) => {
-                        self.commit_batch(&p, &mut batch);
+                        committer.hand_off(&self, &p, &mut batch);
                         continue;
                     }
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        self.commit_batch(&p, &mut batch);
+                        committer.hand_off(&self, &p, &mut batch);
                         break;
                     }
                 }
             };
             // Anything but the pieces of a transfer, or a transfer or operation on paths
-            // unrelated to the batch's (e.g. the next folder of a tree), waits for the batch.
+            // unrelated to the batches' (e.g. the next folder of a tree), waits for the
+            // batches to be committed.
             let related = match &m {
                 Incoming::Msg(
                     ReplMsg::Copy { .. } | ReplMsg::Data { .. } | ReplMsg::End { .. },
                 ) => false,
-                Incoming::Msg(ReplMsg::Begin { path, .. }) => touches(&batch, &[path]),
-                Incoming::Msg(ReplMsg::Op { op, .. }) => touches(&batch, &op_paths(op)),
+                Incoming::Msg(ReplMsg::Begin { path, .. }) => {
+                    touches(&batch, &[path]) || committer.touches(&[path])
+                }
+                Incoming::Msg(ReplMsg::Op { op, .. }) => {
+                    let paths = op_paths(op);
+                    touches(&batch, &paths) || committer.touches(&paths)
+                }
                 _ => true,
             };
-            if related && !batch.is_empty() {
-                self.commit_batch(&p, &mut batch);
+            if related {
+                committer.hand_off(&self, &p, &mut batch);
+                committer.wait_idle();
             }
             let msg = match m {
                 Incoming::Reset => {
@@ -2202,13 +2238,14 @@ impl Inner {
             // (a retry, a base or content it must change) the rest of this stream is dropped
             // until the restart arrives. A change refused for good is skipped by the sender,
             // which goes on with the same stream. Acknowledgements keep the stream's order:
-            // behind a waiting batch they wait too.
+            // behind a batch waiting or being committed they wait too.
+            let busy = committer.busy();
             let mut ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
                 let goes_on = matches!(
                     outcome,
                     AckOutcome::Applied | AckOutcome::Failed { retry: false, .. }
                 );
-                if batch.is_empty() {
+                if batch.is_empty() && !busy {
                     self.ack(&p, seq, epoch, outcome, holds);
                 } else {
                     batch.push(Queued::Ack {
@@ -2332,7 +2369,7 @@ impl Inner {
                                 pending.epoch = epoch;
                                 batch.push(Queued::File(pending));
                                 if batch.len() >= BATCH_FILES {
-                                    self.commit_batch(&p, &mut batch);
+                                    committer.hand_off(&self, &p, &mut batch);
                                 }
                             }
                         }
@@ -2415,7 +2452,8 @@ impl Inner {
         if batch.is_empty() {
             return;
         }
-        let synced = syncfs(self.root());
+        let files = batch.iter().any(|q| matches!(q, Queued::File(_)));
+        let synced = files && syncfs(self.root());
         let applying = self.apply_lock.lock();
         let mut outcomes = Vec::with_capacity(batch.len());
         for q in batch.drain(..) {
@@ -3927,7 +3965,7 @@ impl Transfer {
 }
 
 /// Small versions are committed together (see [`Inner::commit_batch`]): at most this many...
-const BATCH_FILES: usize = 256;
+const BATCH_FILES: usize = 128;
 /// ...of at most this size each (larger ones are fsynced on their own).
 const BATCH_MAX_FILE: u64 = 1024 * 1024;
 
@@ -3936,6 +3974,114 @@ enum Finished {
     Done(AckOutcome),
     /// Built and verified; committed with the next batch.
     Deferred(Box<Pending>),
+}
+
+/// Commits a receiver's batches ([`Inner::commit_batch`]) on a thread of its own, one at a
+/// time and in order, while the receiver builds the next batch: the filesystem syncs and the
+/// renames no longer stall the stream. A hand-off waits for the batch before it to finish, so
+/// at most two batches of intermediate files are open.
+struct Committer {
+    tx: Option<mpsc::SyncSender<Vec<Queued>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Batches handed off and not committed yet.
+    busy: Arc<(Mutex<usize>, Condvar)>,
+    /// Paths of the files handed off since the committer was last seen idle.
+    paths: Vec<RelPath>,
+}
+
+impl Committer {
+    fn start(inner: Arc<Inner>, p: Arc<Peer>) -> Committer {
+        let (tx, rx) = mpsc::sync_channel::<Vec<Queued>>(0);
+        let busy = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let b = busy.clone();
+        let name = format!("repl-commit-{}", p.name);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            for mut batch in rx {
+                inner.commit_batch(&p, &mut batch);
+                let mut n = b.0.lock();
+                *n = n.saturating_sub(1);
+                b.1.notify_all();
+            }
+        });
+        match thread {
+            Ok(t) => Committer {
+                tx: Some(tx),
+                thread: Some(t),
+                busy,
+                paths: Vec::new(),
+            },
+            Err(e) => {
+                tracing::warn!("cannot start a commit thread: {e}; committing on the receiver");
+                Committer {
+                    tx: None,
+                    thread: None,
+                    busy,
+                    paths: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// Hands `batch` (emptied) to the commit thread, or commits it here if there is none.
+    fn hand_off(&mut self, inner: &Inner, p: &Peer, batch: &mut Vec<Queued>) {
+        if batch.is_empty() {
+            return;
+        }
+        let Some(tx) = &self.tx else {
+            inner.commit_batch(p, batch);
+            return;
+        };
+        if !self.busy() {
+            self.paths.clear();
+        }
+        self.paths.extend(batch.iter().filter_map(|q| match q {
+            Queued::File(pd) => Some(pd.path.clone()),
+            Queued::Ack { .. } => None,
+        }));
+        *self.busy.0.lock() += 1;
+        if let Err(mpsc::SendError(mut b)) = tx.send(std::mem::take(batch)) {
+            let mut n = self.busy.0.lock();
+            *n = n.saturating_sub(1);
+            drop(n);
+            inner.commit_batch(p, &mut b);
+        }
+    }
+
+    fn busy(&self) -> bool {
+        *self.busy.0.lock() > 0
+    }
+
+    /// Waits until every batch handed off is committed (and acknowledged).
+    fn wait_idle(&mut self) {
+        let mut n = self.busy.0.lock();
+        while *n > 0 {
+            self.busy.1.wait(&mut n);
+        }
+        drop(n);
+        self.paths.clear();
+    }
+
+    /// Whether any of `paths` relates to a file of a batch not committed yet.
+    fn touches(&mut self, paths: &[&RelPath]) -> bool {
+        if !self.busy() {
+            self.paths.clear();
+            return false;
+        }
+        self.paths.iter().any(|b| {
+            paths
+                .iter()
+                .any(|path| b.starts_with(path) || path.starts_with(b))
+        })
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// What waits for the next batch commit, in stream order.
