@@ -3976,49 +3976,76 @@ enum Finished {
     Deferred(Box<Pending>),
 }
 
-/// Commits a receiver's batches ([`Inner::commit_batch`]) on a thread of its own, one at a
-/// time and in order, while the receiver builds the next batch: the filesystem syncs and the
-/// renames no longer stall the stream. A hand-off waits for the batch before it to finish, so
-/// at most two batches of intermediate files are open.
+/// Commits a receiver's batches ([`Inner::commit_batch`]) on a thread of its own, in order,
+/// while the receiver builds more: the filesystem syncs and the renames no longer stall the
+/// stream. Group commit: what is handed off while a commit runs is committed together by the
+/// next one (one pair of syncs for all of it), so the batches grow with the syncs' latency. At
+/// most [`COMMIT_MAX_OPEN`] files wait or are being committed (each holds two descriptors).
 struct Committer {
-    tx: Option<mpsc::SyncSender<Vec<Queued>>>,
+    group: Arc<(Mutex<Group>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Batches handed off and not committed yet.
-    busy: Arc<(Mutex<usize>, Condvar)>,
     /// Paths of the files handed off since the committer was last seen idle.
     paths: Vec<RelPath>,
 }
 
+#[derive(Default)]
+struct Group {
+    /// Handed off, not taken yet (in stream order), and how many of them are files.
+    queued: Vec<Queued>,
+    queued_files: usize,
+    /// Files of the commit in progress (`active`).
+    committing: usize,
+    active: bool,
+    stop: bool,
+}
+
+/// Most files waiting for or in a group commit.
+const COMMIT_MAX_OPEN: usize = 512;
+
+fn files_in(batch: &[Queued]) -> usize {
+    batch
+        .iter()
+        .filter(|q| matches!(q, Queued::File(_)))
+        .count()
+}
+
 impl Committer {
     fn start(inner: Arc<Inner>, p: Arc<Peer>) -> Committer {
-        let (tx, rx) = mpsc::sync_channel::<Vec<Queued>>(0);
-        let busy = Arc::new((Mutex::new(0usize), Condvar::new()));
-        let b = busy.clone();
+        let group = Arc::new((Mutex::new(Group::default()), Condvar::new()));
+        let g = group.clone();
         let name = format!("repl-commit-{}", p.name);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
-            for mut batch in rx {
+            loop {
+                let mut batch = {
+                    let mut st = g.0.lock();
+                    while st.queued.is_empty() && !st.stop {
+                        g.1.wait(&mut st);
+                    }
+                    if st.queued.is_empty() {
+                        return;
+                    }
+                    st.active = true;
+                    st.committing = std::mem::take(&mut st.queued_files);
+                    std::mem::take(&mut st.queued)
+                };
                 inner.commit_batch(&p, &mut batch);
-                let mut n = b.0.lock();
-                *n = n.saturating_sub(1);
-                b.1.notify_all();
+                let mut st = g.0.lock();
+                st.active = false;
+                st.committing = 0;
+                g.1.notify_all();
             }
         });
-        match thread {
-            Ok(t) => Committer {
-                tx: Some(tx),
-                thread: Some(t),
-                busy,
-                paths: Vec::new(),
-            },
+        let thread = match thread {
+            Ok(t) => Some(t),
             Err(e) => {
                 tracing::warn!("cannot start a commit thread: {e}; committing on the receiver");
-                Committer {
-                    tx: None,
-                    thread: None,
-                    busy,
-                    paths: Vec::new(),
-                }
+                None
             }
+        };
+        Committer {
+            group,
+            thread,
+            paths: Vec::new(),
         }
     }
 
@@ -4027,10 +4054,10 @@ impl Committer {
         if batch.is_empty() {
             return;
         }
-        let Some(tx) = &self.tx else {
+        if self.thread.is_none() {
             inner.commit_batch(p, batch);
             return;
-        };
+        }
         if !self.busy() {
             self.paths.clear();
         }
@@ -4038,30 +4065,36 @@ impl Committer {
             Queued::File(pd) => Some(pd.path.clone()),
             Queued::Ack { .. } => None,
         }));
-        *self.busy.0.lock() += 1;
-        if let Err(mpsc::SendError(mut b)) = tx.send(std::mem::take(batch)) {
-            let mut n = self.busy.0.lock();
-            *n = n.saturating_sub(1);
-            drop(n);
-            inner.commit_batch(p, &mut b);
+        let files = files_in(batch);
+        let (lock, cv) = &*self.group;
+        let mut st = lock.lock();
+        while st.queued_files + st.committing > 0
+            && st.queued_files + st.committing + files > COMMIT_MAX_OPEN
+        {
+            cv.wait(&mut st);
         }
+        st.queued.append(batch);
+        st.queued_files += files;
+        cv.notify_all();
     }
 
     fn busy(&self) -> bool {
-        *self.busy.0.lock() > 0
+        let st = self.group.0.lock();
+        st.active || !st.queued.is_empty()
     }
 
-    /// Waits until every batch handed off is committed (and acknowledged).
+    /// Waits until everything handed off is committed (and acknowledged).
     fn wait_idle(&mut self) {
-        let mut n = self.busy.0.lock();
-        while *n > 0 {
-            self.busy.1.wait(&mut n);
+        let (lock, cv) = &*self.group;
+        let mut st = lock.lock();
+        while st.active || !st.queued.is_empty() {
+            cv.wait(&mut st);
         }
-        drop(n);
+        drop(st);
         self.paths.clear();
     }
 
-    /// Whether any of `paths` relates to a file of a batch not committed yet.
+    /// Whether any of `paths` relates to a file handed off and not committed yet.
     fn touches(&mut self, paths: &[&RelPath]) -> bool {
         if !self.busy() {
             self.paths.clear();
@@ -4077,7 +4110,11 @@ impl Committer {
 
 impl Drop for Committer {
     fn drop(&mut self) {
-        self.tx = None;
+        {
+            let mut st = self.group.0.lock();
+            st.stop = true;
+            self.group.1.notify_all();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
