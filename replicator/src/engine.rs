@@ -451,6 +451,11 @@ impl Replicator {
                 drop(tx);
             }
         }
+        // Index updates still gathered in memory (or in sled's buffer) are written now: a
+        // process that exits after this does not lose what it recorded just before.
+        if let Err(e) = self.inner.store.flush() {
+            tracing::warn!("replication: cannot flush the index at stop: {e}");
+        }
     }
 
     /// Records a local change for every peer (durably, before returning). Returns the queue
