@@ -4,8 +4,11 @@
 //!
 //! Threads: one sender per peer (blocking file I/O, bounded memory: one chunk at a time, at
 //! most [`Config::window`] bytes of content unacknowledged), one receiver per peer (applies
-//! that peer's stream in order). The network is behind [`Transport`]; acknowledgements and
-//! flow credit arrive through [`Replicator::on_message`] and are handled inline.
+//! that peer's stream in order) with a commit thread beside it (small new files are committed
+//! in batches — one filesystem sync, the renames, one more sync, then their acknowledgements —
+//! while the receiver builds the next batch). The network is behind [`Transport`];
+//! acknowledgements and flow credit arrive through [`Replicator::on_message`] and are handled
+//! inline.
 //!
 //! Stream order is queue order: each peer applies records in the order they happened here.
 //! A receiver that refuses a record (its base differs, a rename's source is missing, a disk is
@@ -69,7 +72,9 @@ pub use crate::apply::TMP_PREFIX;
 /// Largest bytes payload of one `Data` message (the Bulk lane's frames are ≤ 64 KiB).
 const DATA_PART: usize = 60 * 1024;
 /// Records sent ahead of their acknowledgements.
-const MAX_INFLIGHT: usize = 256;
+const MAX_INFLIGHT: usize = 1024;
+/// Acknowledged records are removed from the durable queue at least this often.
+const TRIM_EVERY: u64 = 128;
 /// Content transfers with more new bytes than this go beside the stream, so that small changes
 /// queued after a large file do not wait for all of it.
 const SIDE_MIN_BYTES: u64 = 4 * 1024 * 1024;
@@ -232,6 +237,8 @@ struct PeerState {
     inflight: VecDeque<Inflight>,
     /// Highest seq acknowledged (every record up to it is applied or skipped).
     acked_upto: Option<u64>,
+    /// Highest seq removed from the durable queue (trimming lags acknowledgements a little).
+    trimmed_upto: Option<u64>,
     progress: HashMap<u64, u64>,
     overrides: HashMap<u64, Override>,
     backoff: Duration,
@@ -443,6 +450,11 @@ impl Replicator {
             if let Some(tx) = p.rx.lock().take() {
                 drop(tx);
             }
+        }
+        // Index updates still gathered in memory (or in sled's buffer) are written now: a
+        // process that exits after this does not lose what it recorded just before.
+        if let Err(e) = self.inner.store.flush() {
+            tracing::warn!("replication: cannot flush the index at stop: {e}");
         }
     }
 
@@ -676,6 +688,16 @@ impl Inner {
             }
             let mut st = p.state.lock();
             st.connected = true;
+            // Acknowledged records still in the queue (trimming lags) are not sent again.
+            if let Some(a) = st
+                .acked_upto
+                .filter(|a| st.trimmed_upto.is_none_or(|t| *a > t))
+            {
+                st.trimmed_upto = Some(a);
+                if let Err(e) = self.store.ack(&p.key, a) {
+                    tracing::warn!("replication: cannot trim the queue: {e}");
+                }
+            }
             // What the peer asked for on an earlier connection may no longer hold.
             st.overrides.clear();
             self.restart(&mut st, 0);
@@ -2002,10 +2024,20 @@ impl Inner {
                 st.sent_ids.retain(|s, _| *s > last);
             }
         }
+        // The durable queue is trimmed once nothing is in flight, or every TRIM_EVERY records
+        // during a long stream (each trim walks the queue's head: per ack, that was a large
+        // part of a sender's work for many small files). Records acknowledged but not trimmed
+        // yet are only sent again after a restart, which is harmless (replays are idempotent).
+        let trim = last.filter(|l| {
+            st.inflight.is_empty() || st.trimmed_upto.is_none_or(|t| *l >= t + TRIM_EVERY)
+        });
+        if trim.is_some() {
+            st.trimmed_upto = trim;
+        }
         drop(st);
         p.wake.notify_all();
         let _ = acked;
-        if let Some(last) = last {
+        if let Some(last) = trim {
             if let Err(e) = self.store.ack(&p.key, last) {
                 tracing::warn!("replication: cannot trim the queue: {e}");
             }
@@ -2128,8 +2160,11 @@ impl Inner {
         // Side transfers in progress (their pieces interleave with the stream).
         let mut side: HashMap<u64, Transfer> = HashMap::new();
         // Small new versions built and waiting to be committed together (one filesystem
-        // sync for many files, then their renames, then their acknowledgements).
-        let mut batch: Vec<Pending> = Vec::new();
+        // sync for many files, then their renames, then their acknowledgements), and the
+        // acknowledgements of records handled meanwhile, which go out after them (in order).
+        let mut batch: Vec<Queued> = Vec::new();
+        // Batches are committed on a thread of their own while the next one is built.
+        let mut committer = Committer::start(self.clone(), p.clone());
         // Nothing from peers is applied before the start scan has recorded what is here.
         while self.scanning.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
@@ -2144,27 +2179,34 @@ impl Inner {
                 match rx.try_recv() {
                     Ok(m) => m,
                     Err(mpsc::TryRecvError::Empty) => {
-                        self.commit_batch(&p, &mut batch);
+                        committer.hand_off(&self, &p, &mut batch);
                         continue;
                     }
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        self.commit_batch(&p, &mut batch);
+                        committer.hand_off(&self, &p, &mut batch);
                         break;
                     }
                 }
             };
-            // Anything but the pieces of an unrelated transfer waits for the batch.
+            // Anything but the pieces of a transfer, or a transfer or operation on paths
+            // unrelated to the batches' (e.g. the next folder of a tree), waits for the
+            // batches to be committed.
             let related = match &m {
                 Incoming::Msg(
                     ReplMsg::Copy { .. } | ReplMsg::Data { .. } | ReplMsg::End { .. },
                 ) => false,
-                Incoming::Msg(ReplMsg::Begin { path, .. }) => batch
-                    .iter()
-                    .any(|b| b.path.starts_with(path) || path.starts_with(&b.path)),
+                Incoming::Msg(ReplMsg::Begin { path, .. }) => {
+                    touches(&batch, &[path]) || committer.touches(&[path])
+                }
+                Incoming::Msg(ReplMsg::Op { op, .. }) => {
+                    let paths = op_paths(op);
+                    touches(&batch, &paths) || committer.touches(&paths)
+                }
                 _ => true,
             };
-            if related && !batch.is_empty() {
-                self.commit_batch(&p, &mut batch);
+            if related {
+                committer.hand_off(&self, &p, &mut batch);
+                committer.wait_idle();
             }
             let msg = match m {
                 Incoming::Reset => {
@@ -2200,13 +2242,24 @@ impl Inner {
             // True while the stream goes on: after an outcome that makes the sender restart
             // (a retry, a base or content it must change) the rest of this stream is dropped
             // until the restart arrives. A change refused for good is skipped by the sender,
-            // which goes on with the same stream.
-            let ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
+            // which goes on with the same stream. Acknowledgements keep the stream's order:
+            // behind a batch waiting or being committed they wait too.
+            let busy = committer.busy();
+            let mut ack = |seq: u64, outcome: AckOutcome, holds: Option<Hash>| {
                 let goes_on = matches!(
                     outcome,
                     AckOutcome::Applied | AckOutcome::Failed { retry: false, .. }
                 );
-                self.ack(&p, seq, epoch, outcome, holds);
+                if batch.is_empty() && !busy {
+                    self.ack(&p, seq, epoch, outcome, holds);
+                } else {
+                    batch.push(Queued::Ack {
+                        seq,
+                        epoch,
+                        outcome,
+                        holds,
+                    });
+                }
                 goes_on
             };
             match msg {
@@ -2319,9 +2372,9 @@ impl Inner {
                             }
                             Finished::Deferred(mut pending) => {
                                 pending.epoch = epoch;
-                                batch.push(*pending);
+                                batch.push(Queued::File(pending));
                                 if batch.len() >= BATCH_FILES {
-                                    self.commit_batch(&p, &mut batch);
+                                    committer.hand_off(&self, &p, &mut batch);
                                 }
                             }
                         }
@@ -2400,14 +2453,27 @@ impl Inner {
     /// then each is renamed into place (readers see whole files only), one more sync makes
     /// the renames durable, and only then are they acknowledged. A crash before the first
     /// sync leaves only intermediate files (swept at start); the sender resends.
-    fn commit_batch(&self, p: &Peer, batch: &mut Vec<Pending>) {
+    fn commit_batch(&self, p: &Peer, batch: &mut Vec<Queued>) {
         if batch.is_empty() {
             return;
         }
-        let synced = syncfs(self.root());
+        let files = batch.iter().any(|q| matches!(q, Queued::File(_)));
+        let synced = files && syncfs(self.root());
         let applying = self.apply_lock.lock();
         let mut outcomes = Vec::with_capacity(batch.len());
-        for pd in batch.drain(..) {
+        for q in batch.drain(..) {
+            let pd = match q {
+                Queued::File(pd) => *pd,
+                Queued::Ack {
+                    seq,
+                    epoch,
+                    outcome,
+                    holds,
+                } => {
+                    outcomes.push((seq, epoch, outcome, holds));
+                    continue;
+                }
+            };
             let (seq, epoch) = (pd.seq, pd.epoch);
             let holds = Some(pd.content_hash);
             let r = (|| -> io::Result<AckOutcome> {
@@ -3912,7 +3978,7 @@ impl Transfer {
 }
 
 /// Small versions are committed together (see [`Inner::commit_batch`]): at most this many...
-const BATCH_FILES: usize = 256;
+const BATCH_FILES: usize = 128;
 /// ...of at most this size each (larger ones are fsynced on their own).
 const BATCH_MAX_FILE: u64 = 1024 * 1024;
 
@@ -3921,6 +3987,185 @@ enum Finished {
     Done(AckOutcome),
     /// Built and verified; committed with the next batch.
     Deferred(Box<Pending>),
+}
+
+/// Commits a receiver's batches ([`Inner::commit_batch`]) on a thread of its own, in order,
+/// while the receiver builds more: the filesystem syncs and the renames no longer stall the
+/// stream. Group commit: what is handed off while a commit runs is committed together by the
+/// next one (one pair of syncs for all of it), so the batches grow with the syncs' latency. At
+/// most [`COMMIT_MAX_OPEN`] files wait or are being committed (each holds two descriptors).
+struct Committer {
+    group: Arc<(Mutex<Group>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Paths of the files handed off since the committer was last seen idle.
+    paths: Vec<RelPath>,
+}
+
+#[derive(Default)]
+struct Group {
+    /// Handed off, not taken yet (in stream order), and how many of them are files.
+    queued: Vec<Queued>,
+    queued_files: usize,
+    /// Files of the commit in progress (`active`).
+    committing: usize,
+    active: bool,
+    stop: bool,
+}
+
+/// Most files waiting for or in a group commit.
+const COMMIT_MAX_OPEN: usize = 512;
+
+fn files_in(batch: &[Queued]) -> usize {
+    batch
+        .iter()
+        .filter(|q| matches!(q, Queued::File(_)))
+        .count()
+}
+
+impl Committer {
+    fn start(inner: Arc<Inner>, p: Arc<Peer>) -> Committer {
+        let group = Arc::new((Mutex::new(Group::default()), Condvar::new()));
+        let g = group.clone();
+        let name = format!("repl-commit-{}", p.name);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            loop {
+                let mut batch = {
+                    let mut st = g.0.lock();
+                    while st.queued.is_empty() && !st.stop {
+                        g.1.wait(&mut st);
+                    }
+                    if st.queued.is_empty() {
+                        return;
+                    }
+                    st.active = true;
+                    st.committing = std::mem::take(&mut st.queued_files);
+                    std::mem::take(&mut st.queued)
+                };
+                inner.commit_batch(&p, &mut batch);
+                let mut st = g.0.lock();
+                st.active = false;
+                st.committing = 0;
+                g.1.notify_all();
+            }
+        });
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("cannot start a commit thread: {e}; committing on the receiver");
+                None
+            }
+        };
+        Committer {
+            group,
+            thread,
+            paths: Vec::new(),
+        }
+    }
+
+    /// Hands `batch` (emptied) to the commit thread, or commits it here if there is none.
+    fn hand_off(&mut self, inner: &Inner, p: &Peer, batch: &mut Vec<Queued>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.thread.is_none() {
+            inner.commit_batch(p, batch);
+            return;
+        }
+        if !self.busy() {
+            self.paths.clear();
+        }
+        self.paths.extend(batch.iter().filter_map(|q| match q {
+            Queued::File(pd) => Some(pd.path.clone()),
+            Queued::Ack { .. } => None,
+        }));
+        let files = files_in(batch);
+        let (lock, cv) = &*self.group;
+        let mut st = lock.lock();
+        while st.queued_files + st.committing > 0
+            && st.queued_files + st.committing + files > COMMIT_MAX_OPEN
+        {
+            cv.wait(&mut st);
+        }
+        st.queued.append(batch);
+        st.queued_files += files;
+        cv.notify_all();
+    }
+
+    fn busy(&self) -> bool {
+        let st = self.group.0.lock();
+        st.active || !st.queued.is_empty()
+    }
+
+    /// Waits until everything handed off is committed (and acknowledged).
+    fn wait_idle(&mut self) {
+        let (lock, cv) = &*self.group;
+        let mut st = lock.lock();
+        while st.active || !st.queued.is_empty() {
+            cv.wait(&mut st);
+        }
+        drop(st);
+        self.paths.clear();
+    }
+
+    /// Whether any of `paths` relates to a file handed off and not committed yet.
+    fn touches(&mut self, paths: &[&RelPath]) -> bool {
+        if !self.busy() {
+            self.paths.clear();
+            return false;
+        }
+        self.paths.iter().any(|b| {
+            paths
+                .iter()
+                .any(|path| b.starts_with(path) || path.starts_with(b))
+        })
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        {
+            let mut st = self.group.0.lock();
+            st.stop = true;
+            self.group.1.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What waits for the next batch commit, in stream order.
+enum Queued {
+    File(Box<Pending>),
+    /// The acknowledgement of a record handled while the batch was waiting.
+    Ack {
+        seq: u64,
+        epoch: u64,
+        outcome: AckOutcome,
+        holds: Option<Hash>,
+    },
+}
+
+/// Whether any of `paths` is, contains or lies within a path of a waiting file.
+fn touches(batch: &[Queued], paths: &[&RelPath]) -> bool {
+    batch.iter().any(|q| match q {
+        Queued::File(b) => paths
+            .iter()
+            .any(|path| b.path.starts_with(path) || path.starts_with(&b.path)),
+        Queued::Ack { .. } => false,
+    })
+}
+
+/// The paths a namespace operation touches.
+fn op_paths(op: &NsOp) -> Vec<&RelPath> {
+    match op {
+        NsOp::Rename { from, to } => vec![from, to],
+        NsOp::Link { existing, path } => vec![existing, path],
+        NsOp::Mkdir { path, .. }
+        | NsOp::Symlink { path, .. }
+        | NsOp::Remove { path }
+        | NsOp::SetMeta { path, .. } => vec![path],
+    }
 }
 
 /// A verified new version waiting in its intermediate file for the batch commit.

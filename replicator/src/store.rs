@@ -7,8 +7,9 @@
 //! records and an unknown or damaged record decodes to a [`StoreError`], never a panic.
 //!
 //! Everything lives in one sled tree under one-byte key prefixes, so each logical update is a
-//! single atomic `apply_batch`; writers are serialised by a mutex so read-modify-write updates
-//! (counters, coalescing) cannot interleave.
+//! single atomic batch; writers are serialised by a mutex so read-modify-write updates
+//! (counters, coalescing) cannot interleave. [`Kv`] gathers the batches of a few milliseconds
+//! and hands them to sled as one (sled writes its log out on every `apply_batch`).
 //!
 //! Durability: [`Store::enqueue`] flushes before returning (the issue promises a change is
 //! recorded before the writer's release completes). Other writes become durable with the next
@@ -18,7 +19,8 @@
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -155,9 +157,88 @@ impl Batch {
 }
 
 type KvIter<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + 'a>;
+/// A gathered write: key and new value (`None`: removed).
+type Gathered = (Vec<u8>, Option<Vec<u8>>);
 
+/// How long written batches may wait before they go to sled together (see [`Kv`]).
+const GATHER: Duration = Duration::from_millis(10);
+/// Gathered writes beyond these go to sled at once, by the writer that crossed the line.
+const GATHER_MAX_KEYS: usize = 8192;
+const GATHER_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// The database seam. Every [`Kv::apply`] is atomic and visible to every reader at once, but
+/// batches are not handed to sled one by one: sled 0.34's `apply_batch` seals and writes out
+/// its log buffer on every call (a `pwrite` and a waited `sync_file_range` on one of its IO
+/// threads), which cost a disk write per index update — several per replicated file, and most
+/// of the CPU of an initial sync of small files. So batches are gathered in memory (`pending`,
+/// which reads consult first) and handed to sled as one atomic batch [`GATHER`] after the first
+/// of them, when they grow large, or at [`Kv::flush`]. Durability is unchanged: only `flush`
+/// ever promised it, and it hands over what is gathered first. A crash loses at most the last
+/// few milliseconds of unflushed batches, whole and in order (sled recovers a prefix of its
+/// log, and each hand-over is one atomic batch), as it already lost sled's unflushed buffer.
 struct Kv {
+    shared: Arc<Shared>,
+    gatherer: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
     db: sled::Db,
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// The newest value of each key written since the last hand-over (`None`: removed).
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    bytes: usize,
+    stop: bool,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // A panicking writer inserts whole batches or nothing: the map is always consistent.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the gathered writes to sled as one atomic batch (kept gathered if sled refuses).
+    fn commit(&self, p: &mut Pending) -> Result<()> {
+        if p.writes.is_empty() {
+            return Ok(());
+        }
+        let mut b = sled::Batch::default();
+        for (k, v) in &p.writes {
+            match v {
+                Some(v) => b.insert(k.as_slice(), v.as_slice()),
+                None => b.remove(k.as_slice()),
+            }
+        }
+        self.db.apply_batch(b)?;
+        p.writes.clear();
+        p.bytes = 0;
+        Ok(())
+    }
+
+    /// The gatherer thread: hands writes over [`GATHER`] after the first one arrives.
+    fn run(&self) {
+        loop {
+            let mut p = self.pending();
+            while p.writes.is_empty() && !p.stop {
+                p = self.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if p.stop {
+                return;
+            }
+            drop(p);
+            std::thread::sleep(GATHER);
+            let mut p = self.pending();
+            if let Err(e) = self.commit(&mut p) {
+                tracing::warn!("state database: cannot write the index: {e}; retrying");
+                drop(p);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
 }
 
 impl Kv {
@@ -166,41 +247,140 @@ impl Kv {
             .path(dir)
             .cache_capacity(CACHE_BYTES)
             .open()?;
-        Ok(Kv { db })
+        let shared = Arc::new(Shared {
+            db,
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+        });
+        let s = shared.clone();
+        let gatherer = std::thread::Builder::new()
+            .name("peerfs-store".into())
+            .spawn(move || s.run())
+            .map_err(|e| StoreError::Db(Box::new(e)))?;
+        Ok(Kv {
+            shared,
+            gatherer: Some(gatherer),
+        })
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+        if let Some(v) = self.shared.pending().writes.get(key) {
+            return Ok(v.clone());
+        }
+        // Not gathered now: sled has the newest value (a hand-over clears what it applied
+        // only once sled holds it, under the same lock).
+        Ok(self.shared.db.get(key)?.map(|v| v.to_vec()))
     }
 
     fn apply(&self, batch: Batch) -> Result<()> {
-        let mut b = sled::Batch::default();
+        let mut p = self.shared.pending();
+        let first = p.writes.is_empty();
         for (k, v) in batch.0 {
-            match v {
-                Some(v) => b.insert(k, v),
-                None => b.remove(k),
-            }
+            p.bytes += k.len() + v.as_ref().map_or(0, Vec::len);
+            p.writes.insert(k, v);
         }
-        Ok(self.db.apply_batch(b)?)
+        if p.writes.len() >= GATHER_MAX_KEYS || p.bytes >= GATHER_MAX_BYTES {
+            return self.shared.commit(&mut p);
+        }
+        if first {
+            self.shared.wake.notify_one();
+        }
+        Ok(())
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_> {
-        Box::new(self.db.scan_prefix(prefix).map(|r| {
-            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(StoreError::from)
-        }))
+        // Gathered writes first (a snapshot), then sled's iterator, merged by key.
+        let gathered: Vec<Gathered> = self
+            .shared
+            .pending()
+            .writes
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let db = self.shared.db.scan_prefix(prefix);
+        merged(gathered, db)
     }
 
     fn range(&self, range: RangeInclusive<Vec<u8>>) -> KvIter<'_> {
-        Box::new(self.db.range(range).map(|r| {
-            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(StoreError::from)
-        }))
+        let gathered: Vec<Gathered> = self
+            .shared
+            .pending()
+            .writes
+            .range(range.clone())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let db = self.shared.db.range(range);
+        merged(gathered, db)
     }
 
     fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        self.shared.commit(&mut self.shared.pending())?;
+        self.shared.db.flush()?;
         Ok(())
+    }
+}
+
+impl Drop for Kv {
+    fn drop(&mut self) {
+        {
+            let mut p = self.shared.pending();
+            p.stop = true;
+            if let Err(e) = self.shared.commit(&mut p) {
+                tracing::warn!("state database: cannot write the index at close: {e}");
+            }
+        }
+        self.shared.wake.notify_all();
+        if let Some(t) = self.gatherer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Gathered writes (sorted, `None` = removed) laid over a sled iterator of the same range:
+/// a gathered key replaces sled's entry, a gathered removal hides it.
+fn merged<'a>(gathered: Vec<Gathered>, db: sled::Iter) -> KvIter<'a> {
+    let db = db.map(|r| {
+        r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .map_err(StoreError::from)
+    });
+    if gathered.is_empty() {
+        return Box::new(db);
+    }
+    Box::new(Merged {
+        gathered: gathered.into_iter().peekable(),
+        db: (Box::new(db) as KvIter<'a>).peekable(),
+    })
+}
+
+struct Merged<'a> {
+    gathered: std::iter::Peekable<std::vec::IntoIter<Gathered>>,
+    db: std::iter::Peekable<KvIter<'a>>,
+}
+
+impl Iterator for Merged<'_> {
+    type Item = Result<(Vec<u8>, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let gathered_first = match (self.gathered.peek(), self.db.peek()) {
+                (None, _) => return self.db.next(),
+                (Some(_), None) => true,
+                (Some((gk, _)), Some(Ok((dk, _)))) => gk <= dk,
+                // sled's error comes out as it is.
+                (Some(_), Some(Err(_))) => false,
+            };
+            if !gathered_first {
+                return self.db.next();
+            }
+            let (k, v) = self.gathered.next()?;
+            if matches!(self.db.peek(), Some(Ok((dk, _))) if *dk == k) {
+                self.db.next();
+            }
+            if let Some(v) = v {
+                return Some(Ok((k, v)));
+            }
+        }
     }
 }
 
@@ -1141,5 +1321,89 @@ impl Store {
             .get(&key(K_PEERCONF, &[peer]))?
             .map(|v| decode("peer config", &v))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(kv: &Kv, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        kv.scan_prefix(prefix).map(|r| r.expect("scan")).collect()
+    }
+
+    fn kvs(items: &[(&[u8], &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    /// Batches not yet handed to sled are read back, laid over sled's entries by key (a
+    /// gathered removal hides one), and end up in sled unchanged.
+    #[test]
+    fn gathered_writes_read_back_merged_and_persist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let kv = Kv::open(&path).expect("open");
+        let mut b = Batch::default();
+        for k in [&b"a1"[..], b"a3", b"a5", b"a7"] {
+            b.put(k.to_vec(), b"old".to_vec());
+        }
+        kv.apply(b).expect("apply");
+        kv.flush().expect("flush");
+        let mut b = Batch::default();
+        b.put(b"a2".to_vec(), b"new".to_vec());
+        b.put(b"a3".to_vec(), b"new".to_vec());
+        b.del(b"a5".to_vec());
+        b.del(b"a6".to_vec());
+        b.put(b"a8".to_vec(), b"new".to_vec());
+        b.put(b"b1".to_vec(), b"x".to_vec());
+        kv.apply(b).expect("apply");
+        let want = kvs(&[
+            (b"a1", b"old"),
+            (b"a2", b"new"),
+            (b"a3", b"new"),
+            (b"a7", b"old"),
+            (b"a8", b"new"),
+        ]);
+        assert_eq!(scan(&kv, b"a"), want);
+        assert_eq!(kv.get(b"a5").expect("get"), None);
+        assert_eq!(kv.get(b"a3").expect("get"), Some(b"new".to_vec()));
+        let ranged: Vec<_> = kv
+            .range(b"a3".to_vec()..=b"b1".to_vec())
+            .map(|r| r.expect("range"))
+            .collect();
+        assert_eq!(
+            ranged,
+            kvs(&[
+                (b"a3", b"new"),
+                (b"a7", b"old"),
+                (b"a8", b"new"),
+                (b"b1", b"x")
+            ])
+        );
+        kv.flush().expect("flush");
+        assert_eq!(scan(&kv, b"a"), want);
+        drop(kv);
+        let kv = Kv::open(&path).expect("reopen");
+        assert_eq!(scan(&kv, b"a"), want);
+        assert_eq!(kv.get(b"b1").expect("get"), Some(b"x".to_vec()));
+    }
+
+    /// Without a flush, the gatherer hands the batches to sled by itself.
+    #[test]
+    fn gathered_writes_reach_sled_unflushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv = Kv::open(&dir.path().join("db")).expect("open");
+        let mut b = Batch::default();
+        b.put(b"k".to_vec(), b"v".to_vec());
+        kv.apply(b).expect("apply");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while kv.shared.db.get(b"k").expect("get").is_none() {
+            assert!(std::time::Instant::now() < deadline, "never handed over");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(kv.shared.pending().writes.is_empty());
     }
 }
