@@ -1210,3 +1210,37 @@ fn regression_a_rename_of_a_name_rewritten_beyond_a_cut() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// Two peers rename two names onto each other at once (a.txt -> d/c.txt on one, d/c.txt ->
+/// a.txt on the other), each replacing the file the other moves. (Written after a model
+/// failure of that shape that did not shrink; this order passes before and after its fix.)
+#[test]
+fn regression_two_peers_rename_two_names_onto_each_other() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(&[
+            Write { peer: 2, file: 0 },
+            Write { peer: 1, file: 2 },
+            // (no-ops: time for both writes to reach every peer)
+            Join { a: 0, b: 0 },
+            Join { a: 0, b: 0 },
+            Join { a: 0, b: 0 },
+            Join { a: 0, b: 0 },
+            Join { a: 0, b: 0 },
+            Join { a: 0, b: 0 },
+            Cut { a: 1, b: 2 },
+            Cut { a: 1, b: 0 },
+            Rename {
+                peer: 2,
+                from: 0,
+                to: 2,
+            },
+            Rename {
+                peer: 1,
+                from: 2,
+                to: 0,
+            },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}

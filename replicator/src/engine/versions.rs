@@ -357,7 +357,15 @@ impl Inner {
             } else {
                 e.state.clone()
             };
-            items.push((p.clone(), Some(tomb_over(ver, &e.state))));
+            // The tombstone knows what was here, not what the rename replaced at `to` (its
+            // version names that too): a peer that moved that file here meanwhile keeps it.
+            let mut left = tomb_over(ver, &e.state);
+            left.state.ver.history = if matches!(e.state.kind, Kind::File | Kind::Symlink) {
+                push_history(&e.state.ver.history, e.state.hash)
+            } else {
+                e.state.ver.history.clone()
+            };
+            items.push((p.clone(), Some(left)));
             moved.insert(new_path.clone());
             items.push((
                 new_path,
