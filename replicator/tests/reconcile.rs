@@ -934,13 +934,8 @@ proptest! {
     /// Random writes, deletes and renames on 3 peers, with links cut and joined between them:
     /// after a final full reconnection every tree is identical, and every version no later
     /// change replaced knowingly is somewhere in it. `PEERFS_RECON_CASES` sets the number of
-    /// cases (24 by default; 256 finds rarer interleavings).
-    ///
-    /// Not run by default: it still finds a timing-dependent divergence in about one case in
-    /// 700 (see docs/SEMANTICS.md, "Not yet"), which would fail CI now and then. Run it with
-    /// `cargo test -p peerfs-replicator --test reconcile -- --ignored`.
+    /// cases (24 by default; 128 or more find rarer interleavings).
     #[test]
-    #[ignore = "finds a rare timing-dependent divergence (about 1 case in 700)"]
     fn random_operations_and_partitions_converge_and_lose_nothing(
         steps in proptest::collection::vec(step(), 1..24)
     ) {
@@ -1181,9 +1176,9 @@ fn regression_a_name_made_by_rename_on_one_side_and_renamed_away_on_the_other() 
 }
 
 /// Found by the random model (2026-11-25, not shrunk further): a rename on a peer cut from the
-/// writer of a newer version of the renamed name. Open: fails now and then.
+/// writer of a newer version of the renamed name (the rename's version had merged the replaced
+/// file's vector, and looked newer than that version).
 #[test]
-#[ignore = "open divergence: fails now and then"]
 fn regression_a_rename_of_a_name_rewritten_beyond_a_cut() {
     use Step::*;
     for _ in 0..3 {
