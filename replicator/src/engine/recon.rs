@@ -488,7 +488,10 @@ impl Inner {
         reply: bool,
     ) -> io::Result<()> {
         let conf: Vec<PeerKey> = configured.iter().take(1024).map(|c| c.0).collect();
-        self.store.set_peer_config(&p.key, &conf).map_err(ioerr)?;
+        // Summaries come after every burst of changes: write only what changed.
+        if self.store.peer_config(&p.key).ok().flatten().as_ref() != Some(&conf) {
+            self.store.set_peer_config(&p.key, &conf).map_err(ioerr)?;
+        }
         if self.store.len(&p.key).unwrap_or(0) > 0 {
             // Ours follows once our queue to it is empty; the comparison happens then.
             p.state.lock().recon.want_summary = true;
