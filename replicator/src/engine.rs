@@ -1075,21 +1075,21 @@ impl Inner {
         file: &File,
         st: &libc::stat,
     ) -> io::Result<Manifest> {
-        let state = self.store.file_state(id).ok().flatten();
-        if let Some(state) = state {
-            if state.stamp == Some(stamp_of(st)) {
-                if let Some(m) = self
-                    .store
-                    .manifest(id)
-                    .ok()
-                    .flatten()
-                    .and_then(|b| Manifest::decode(&b).ok())
-                {
-                    return Ok(m);
-                }
-            }
+        match self.stored_manifest(id, st) {
+            Some(m) => Ok(m),
+            None => self.chunk_local(path, id, file, st, None),
         }
-        self.chunk_local(path, id, file, st, None)
+    }
+
+    /// The manifest stored for `id`, if the file still has the stamp it was stored with.
+    fn stored_manifest(&self, id: FileId, st: &libc::stat) -> Option<Manifest> {
+        self.store
+            .file_state(id)
+            .ok()
+            .flatten()
+            .filter(|s| s.stamp == Some(stamp_of(st)))
+            .and_then(|_| self.store.manifest(id).ok().flatten())
+            .and_then(|b| Manifest::decode(&b).ok())
     }
 
     fn held_timer(self: Arc<Self>) {
@@ -2570,15 +2570,7 @@ impl Inner {
         // Read only: a content the index does not have is a local change not reported yet
         // (or another apply half done); the decision treats it as such, and it is not
         // recorded as a version from here.
-        let stored = self
-            .store
-            .file_state(id)
-            .ok()
-            .flatten()
-            .filter(|s| s.stamp == Some(stamp_of(&st)))
-            .and_then(|_| self.store.manifest(id).ok().flatten())
-            .and_then(|b| Manifest::decode(&b).ok());
-        let m = match stored {
+        let m = match self.stored_manifest(id, &st) {
             Some(m) => m,
             None => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, &file))?,
         };

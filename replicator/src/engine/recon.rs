@@ -185,13 +185,8 @@ impl Inner {
         }
     }
 
-    /// A round's message was handled: compare again once things are quiet.
-    fn round_activity(&self, p: &Peer) {
-        self.compare_when_quiet(p);
-    }
-
-    /// Something from `p` changed this tree (an applied record): compare digests with it
-    /// once things are quiet. Replication alone does not guarantee agreement: a receiver may
+    /// A round's message was handled, or something from `p` changed this tree (an applied
+    /// record): compare digests with it once things are quiet. Replication alone does not guarantee agreement: a receiver may
     /// keep a version as a conflict copy that its sender never makes (the sender's own
     /// version moved on), a relay may have been away, ... The comparison finds any such
     /// difference while connected, not only at the next reconnection; when nothing differs
@@ -662,7 +657,7 @@ impl Inner {
                 self.send_listing(p, &dirb, sub)?;
             }
         }
-        self.round_activity(p);
+        self.compare_when_quiet(p);
         Ok(())
     }
 
@@ -760,7 +755,7 @@ impl Inner {
         }
         self.send_haves(p, haves)?;
         let _ = i;
-        self.round_activity(p);
+        self.compare_when_quiet(p);
         Ok(())
     }
 
@@ -830,7 +825,7 @@ impl Inner {
             bytes += b;
         }
         self.send_haves(p, reply)?;
-        self.round_activity(p);
+        self.compare_when_quiet(p);
         if files > 0 {
             self.store.flush().map_err(ioerr)?;
             let (ft, bt) = {
