@@ -186,11 +186,11 @@ impl Inner {
     }
 
     /// A round's message was handled, or something from `p` changed this tree (an applied
-    /// record): compare digests with it once things are quiet. Replication alone does not guarantee agreement: a receiver may
-    /// keep a version as a conflict copy that its sender never makes (the sender's own
-    /// version moved on), a relay may have been away, ... The comparison finds any such
-    /// difference while connected, not only at the next reconnection; when nothing differs
-    /// it costs two summaries.
+    /// record): compare digests with it once things are quiet. Replication alone does not
+    /// guarantee agreement: a receiver may keep a version as a conflict copy that its sender
+    /// never makes (the sender's own version moved on), a relay may have been away, ... The
+    /// comparison finds any such difference while connected, not only at the next
+    /// reconnection; when nothing differs it costs two summaries.
     pub(super) fn compare_when_quiet(&self, p: &Peer) {
         p.state.lock().recon.compare_soon();
         p.wake.notify_all();
