@@ -506,7 +506,15 @@ impl Replicator {
         self.inner.check_waiters();
     }
 
+    /// `peer` connected. Its messages may follow at once: the receiving side forgets the
+    /// last connection's partial transfers now, in order with them. During the start scan the
+    /// rest (restarting this side's stream, reconciling) waits for the scan to end.
     pub fn peer_connected(&self, peer: PeerId) {
+        if let Some((_, p)) = self.inner.peer(peer) {
+            if let Some(tx) = p.rx.lock().as_ref() {
+                let _ = tx.send(Incoming::Reset);
+            }
+        }
         {
             let mut pending = self.inner.pending_connect.lock();
             if self.inner.scanning.load(Ordering::SeqCst) {
@@ -681,11 +689,10 @@ impl Inner {
     }
 
     /// Starts streaming with `peer` (after the start scan).
+    /// The sending side of a connection to `peer` (see [`Replicator::peer_connected`], which
+    /// has reset the receiving side).
     fn connect(&self, peer: PeerId) {
         if let Some((_, p)) = self.peer(peer) {
-            if let Some(tx) = p.rx.lock().as_ref() {
-                let _ = tx.send(Incoming::Reset);
-            }
             let mut st = p.state.lock();
             st.connected = true;
             // Acknowledged records still in the queue (trimming lags) are not sent again.

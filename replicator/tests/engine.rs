@@ -31,7 +31,19 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    let f = fixture_with(0);
+    f.repl.peer_connected(PEER);
+    f
+}
+
+/// A replicator over a backing folder holding `files` small files, not connected yet.
+fn fixture_with(files: usize) -> Fixture {
     let backing = tempfile::tempdir().expect("tmp");
+    for i in 0..files {
+        let dir = backing.path().join(format!("pre/{}", i % 50));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(format!("f{i}")), format!("file {i}")).expect("write");
+    }
     let state = tempfile::tempdir().expect("tmp");
     let store = Arc::new(Store::open(state.path()).expect("store"));
     let sent = Arc::new(Recorder::default());
@@ -60,7 +72,6 @@ fn fixture() -> Fixture {
         max_backoff: Duration::from_secs(1),
     };
     let repl = Replicator::start(cfg, store, sent.clone(), trash).expect("start");
-    repl.peer_connected(PEER);
     Fixture {
         backing: backing.path().to_path_buf(),
         _dirs: (backing, state),
@@ -168,6 +179,47 @@ fn a_well_formed_stream_applies_and_a_corrupt_chunk_changes_nothing() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, vec!["new.txt".to_string()]);
+}
+
+/// A peer that connects during the start scan may send at once: what it sends is applied
+/// once the scan is over, even when the scan ends halfway through a transfer (the deferred
+/// connection used to reset the receiving side then and drop the transfer's rest: no answer,
+/// and a stalled stream).
+#[test]
+fn a_transfer_begun_during_the_start_scan_is_applied() {
+    let f = fixture_with(5000);
+    f.repl.peer_connected(PEER);
+    let content = b"sent while the scan ran".to_vec();
+    f.repl
+        .on_message(PEER, begin(1, 0, "during-scan.txt", &content));
+    assert!(
+        !f.repl.scan_report().done,
+        "the scan of 5,000 files ended before the first message: nothing was tested"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !f
+        .repl
+        .stream_states()
+        .iter()
+        .all(|s| s.contains("connected true"))
+    {
+        assert!(Instant::now() < deadline, "the scan never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f.repl.on_message(
+        PEER,
+        ReplMsg::Data {
+            seq: 0,
+            hash: Some(hash_bytes(&content)),
+            bytes: ByteBuf(content.clone()),
+        },
+    );
+    f.repl.on_message(PEER, ReplMsg::End { seq: 0 });
+    assert_eq!(f.ack(0), AckOutcome::Applied);
+    assert_eq!(
+        std::fs::read(f.backing.join("during-scan.txt")).expect("read"),
+        content
+    );
 }
 
 #[test]
