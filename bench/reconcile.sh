@@ -25,6 +25,12 @@
 #   RECON_CASES      which parts to run: "initial", "reconnect" or both (default)
 #   RECON_TIMEOUT    seconds a sync may take before it counts as not done (default 300)
 #   RECON_LOG_LEVEL  log_level of the peers (default info)
+#   RECON_LOOP       1 (default): the trees live on a fresh ext4 file system (with its journal,
+#                    as servers have) in an image in RECON_BENCH_DIR, mounted by loop; 0: on
+#                    RECON_BENCH_DIR's own file system. This machine's disk is ext4 without a
+#                    journal, which skips inodes freed in the last 1-6 minutes when it allocates
+#                    one: creating 10,000 files soon after deleting many took 2-10x longer, for
+#                    both tools, and from run to run by chance.
 #   KEEP=1           keep the folders, configs and logs in RECON_BENCH_DIR afterwards
 set -euo pipefail
 
@@ -32,7 +38,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export LC_ALL=C
 COMMAND=""
 for v in RECON_BENCH_DIR RECON_REPS RECON_FILES BIG RECON_FLAT RECON_CASES RECON_TIMEOUT \
-    RECON_LOG_LEVEL; do
+    RECON_LOG_LEVEL RECON_LOOP; do
     if [[ -n "${!v:-}" ]]; then
         COMMAND+="$v=$(printf '%q' "${!v}") "
     fi
@@ -46,6 +52,7 @@ FLAT=${RECON_FLAT:-0}
 RUN_CASES=${RECON_CASES:-initial reconnect}
 TIMEOUT=${RECON_TIMEOUT:-300}
 LOG_LEVEL=${RECON_LOG_LEVEL:-info}
+LOOP=${RECON_LOOP:-1}
 PY=$ROOT/bench/reconcile.py
 
 die() {
@@ -65,6 +72,12 @@ done
 ((FILES % 100 == 0)) || die "RECON_FILES must be a multiple of 100 (100 folders)"
 [[ $BIG == 0 || $BIG == 1 ]] || die "BIG must be 0 or 1"
 [[ $FLAT == 0 || $FLAT == 1 ]] || die "RECON_FLAT must be 0 or 1"
+[[ $LOOP == 0 || $LOOP == 1 ]] || die "RECON_LOOP must be 0 or 1"
+if [[ $LOOP == 1 ]]; then
+    for tool in mkfs.ext4 mount umount truncate; do
+        command -v "$tool" >/dev/null || die "$tool not found (or set RECON_LOOP=0)"
+    done
+fi
 read -r -a RUN_CASES <<<"$RUN_CASES"
 ((${#RUN_CASES[@]} > 0)) || die "RECON_CASES is empty"
 for c in "${RUN_CASES[@]}"; do
@@ -96,10 +109,12 @@ fi
 # ---------------------------------------------------------------- layout, cleanup
 
 # The measurement (reconcile.py) starts and stops the peers itself, under
-# $BENCH_DIR/{initial,reconnect}/{a,b}/{backing,mnt,state,peerfs.toml}; rsync: $BENCH_DIR/rsync/.
+# $WORK/{initial,reconnect}/{a,b}/{backing,mnt,state,peerfs.toml}; rsync: $WORK/rsync/. WORK is
+# $BENCH_DIR/scratch, the loop-mounted file system (RECON_LOOP=1), or $BENCH_DIR.
 CASES=(initial reconnect)
 MEASURE_PID=""
 RSYNCD_PID=""
+WORK=$BENCH_DIR
 
 is_mounted() { mountpoint -q -- "$1" 2>/dev/null; }
 
@@ -116,7 +131,7 @@ cleanup() {
     fi
     for c in "${CASES[@]}"; do
         for p in a b; do
-            m=$BENCH_DIR/$c/$p/mnt
+            m=$WORK/$c/$p/mnt
             is_mounted "$m" || continue
             timeout 60 "$PEERFS" unmount "$m" >&2
             is_mounted "$m" && umount -l "$m"
@@ -124,11 +139,19 @@ cleanup() {
     done
     if [[ "${KEEP:-0}" != 1 ]]; then
         for c in "${CASES[@]}"; do
-            if ! is_mounted "$BENCH_DIR/$c/a/mnt" && ! is_mounted "$BENCH_DIR/$c/b/mnt"; then
-                rm -rf -- "${BENCH_DIR:?}/$c"
+            if ! is_mounted "$WORK/$c/a/mnt" && ! is_mounted "$WORK/$c/b/mnt"; then
+                rm -rf -- "${WORK:?}/$c"
             fi
         done
-        rm -rf -- "${BENCH_DIR:?}/rsync"
+        rm -rf -- "${WORK:?}/rsync" "${WORK:?}/retired"
+    fi
+    if [[ $LOOP == 1 ]] && is_mounted "$BENCH_DIR/scratch"; then
+        if [[ "${KEEP:-0}" == 1 ]]; then
+            echo "kept: $BENCH_DIR/scratch (loop-mounted $BENCH_DIR/scratch.img; umount it when done)" >&2
+        else
+            umount "$BENCH_DIR/scratch" || umount -l "$BENCH_DIR/scratch"
+            rm -f -- "$BENCH_DIR/scratch.img"
+        fi
     fi
     exit "$rc"
 }
@@ -137,60 +160,91 @@ trap 'exit 130' INT TERM
 
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+WORK=$BENCH_DIR
 # One run per scratch directory: a second one would delete the first one's trees under it.
 exec 9>"$BENCH_DIR/.lock"
 flock -n 9 || die "another bench/reconcile.sh is using $BENCH_DIR (set RECON_BENCH_DIR to another folder)"
-for c in "${CASES[@]}"; do
-    for p in a b; do
-        is_mounted "$BENCH_DIR/$c/$p/mnt" &&
-            die "$BENCH_DIR/$c/$p/mnt is still mounted (an earlier run?): unmount it first"
+for w in "$BENCH_DIR" "$BENCH_DIR/scratch"; do
+    for c in "${CASES[@]}"; do
+        for p in a b; do
+            is_mounted "$w/$c/$p/mnt" &&
+                die "$w/$c/$p/mnt is still mounted (an earlier run?): unmount it first"
+        done
     done
-    rm -rf -- "${BENCH_DIR:?}/$c"
 done
-rm -rf -- "${BENCH_DIR:?}/rsync"
-mkdir -p "$BENCH_DIR/rsync/dst"
+if is_mounted "$BENCH_DIR/scratch"; then
+    umount "$BENCH_DIR/scratch" || die "cannot unmount an earlier run's $BENCH_DIR/scratch"
+fi
+rm -f -- "$BENCH_DIR/scratch.img"
+# Trees of an earlier run are deleted, and then the run waits 31 s: ext4 without a journal
+# skips inodes freed in the last 30 s when it allocates new ones, which slows down creating
+# many files right after deleting many (by 2-10x here). For the same reason the run moves
+# the trees it replaces between repetitions aside (into retired/) instead of deleting them.
+leftovers=0
+for d in "${CASES[@]}" rsync retired; do
+    [[ -e $BENCH_DIR/$d ]] && leftovers=1
+    rm -rf -- "${BENCH_DIR:?}/$d"
+done
 
 # Disk: the reconnection tree four times (A, B, rsync's source and target), the initial tree
-# three times, 4 KiB blocks per file, plus room for the peers' state.
+# three times and twice more per repetition (retired copies), 4 KiB blocks per file, plus room
+# for the peers' state.
 avail_mib=$(($(df --output=avail -k "$BENCH_DIR" | tail -n 1) / 1024))
-need_mib=$(((TREE_DIRS * 100 * 4 + FILES * 3) * 4 / 1024 + 2048))
+need_mib=$(((TREE_DIRS * 100 * 4 + FILES * (3 + 2 * REPS)) * 4 / 1024 + 2048))
 ((avail_mib >= need_mib)) || die "$BENCH_DIR has $avail_mib MiB free; this run needs about $need_mib MiB"
+
+if [[ $LOOP == 1 ]]; then
+    # Twice the estimate: ext4's own metadata, and inodes (one per 16 KiB by default).
+    truncate -s "$((need_mib * 2))M" "$BENCH_DIR/scratch.img"
+    mkfs.ext4 -q -F -i 4096 "$BENCH_DIR/scratch.img" >&2
+    mkdir -p "$BENCH_DIR/scratch"
+    mount -o loop "$BENCH_DIR/scratch.img" "$BENCH_DIR/scratch" ||
+        die "cannot loop-mount $BENCH_DIR/scratch.img (or set RECON_LOOP=0)"
+    WORK=$BENCH_DIR/scratch
+elif ((leftovers)); then
+    echo "deleted an earlier run's trees; waiting 61 s (ext4 without a journal skips inodes freed in the last minute)..." >&2
+    sync
+    sleep 61
+fi
+mkdir -p "$WORK/rsync/dst"
+export RECON_RETIRED=$WORK
 
 # ---------------------------------------------------------------- rsync daemon
 
 RSYNC_PORT=$(python3 "$PY" ports 1)
-cat >"$BENCH_DIR/rsync/rsyncd.conf" <<EOF
+cat >"$WORK/rsync/rsyncd.conf" <<EOF
 use chroot = no
-log file = $BENCH_DIR/rsync/rsyncd.log
-pid file = $BENCH_DIR/rsync/rsyncd.pid
+log file = $WORK/rsync/rsyncd.log
+pid file = $WORK/rsync/rsyncd.pid
 
 [bench]
-path = $BENCH_DIR/rsync/dst
+path = $WORK/rsync/dst
 read only = false
 uid = root
 gid = root
 EOF
 rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" \
-    --config="$BENCH_DIR/rsync/rsyncd.conf" >&2 9>&- &
+    --config="$WORK/rsync/rsyncd.conf" >&2 9>&- &
 RSYNCD_PID=$!
 deadline=$((SECONDS + 10))
 until rsync "rsync://127.0.0.1:$RSYNC_PORT/" >/dev/null 2>&1; do
-    kill -0 "$RSYNCD_PID" 2>/dev/null || die "the rsync daemon exited (log: $BENCH_DIR/rsync/rsyncd.log)"
+    kill -0 "$RSYNCD_PID" 2>/dev/null || die "the rsync daemon exited (log: $WORK/rsync/rsyncd.log)"
     ((SECONDS < deadline)) || die "the rsync daemon does not answer on 127.0.0.1:$RSYNC_PORT"
     sleep 0.1
 done
 
 # ---------------------------------------------------------------- measure
 
-FS=$(findmnt -n -o FSTYPE --target "$BENCH_DIR")
+FS_NOTE="$(findmnt -n -o FSTYPE --target "$WORK") ($WORK)"
+[[ $LOOP == 1 ]] && FS_NOTE+=", a fresh file system with a journal in a loop-mounted image"
 echo "measuring: initial sync of $FILES files, reconnection in a $((TREE_DIRS * 100))-file tree, $REPS repetitions..." >&2
 # In the background and waited for, so that Ctrl-C or SIGTERM reaches the trap at once.
-python3 "$PY" measure --peerfs "$PEERFS" --dir "$BENCH_DIR" \
+python3 "$PY" measure --peerfs "$PEERFS" --dir "$WORK" \
     --rsync-url "rsync://127.0.0.1:$RSYNC_PORT/bench/" \
     --reps "$REPS" --files "$FILES" --tree-dirs "$TREE_DIRS" "${FLAT_ARG[@]}" \
     --cases "${RUN_CASES[@]}" --timeout "$TIMEOUT" \
     --log-level "$LOG_LEVEL" --command "$COMMAND" \
-    --note "peerfs $REV (release build); peers A and B on 127.0.0.1 (pinned TLS 1.3), every [locks], [network], [drive] and [replication] key at its default. $(rsync --version | head -n 1 | sed 's/  */ /g'), daemon on 127.0.0.1, \`rsync -a --stats\`. Backing folders and rsync's folders on $FS ($BENCH_DIR)." \
+    --note "peerfs $REV (release build); peers A and B on 127.0.0.1 (pinned TLS 1.3), every [locks], [network], [drive] and [replication] key at its default. $(rsync --version | head -n 1 | sed 's/  */ /g'), daemon on 127.0.0.1, \`rsync -a --stats\`. Backing folders and rsync's folders on $FS_NOTE." \
     --markdown "$BENCH_DIR/reconcile.md" --json "$BENCH_DIR/reconcile.json" &
 MEASURE_PID=$!
 wait "$MEASURE_PID"
