@@ -35,13 +35,24 @@ pub fn openat2_beneath(
 }
 
 fn openat2_raw(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    openat2_resolve(dir, path, flags, mode, 0)
+}
+
+/// `openat2` beneath `dir` with `resolve` flags added.
+fn openat2_resolve(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     // SAFETY: open_how is plain data; all-zero is a valid value to fill in.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
     if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
         how.mode = u64::from(mode);
     }
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS | resolve;
     loop {
         // SAFETY: `how` and `path` are valid for the call; the result is a new descriptor we own.
         let fd = unsafe {
@@ -67,6 +78,21 @@ fn openat2_raw(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> io::R
 /// Opens folder `rel` beneath `root` (`O_PATH`), creating missing folders (mode 0755) when
 /// `create` is set.
 pub fn open_dir(root: BorrowedFd<'_>, rel: &RelPath, create: bool) -> io::Result<OwnedFd> {
+    // The usual case in one call: every folder exists and none is a symlink. Anything else
+    // (a missing folder, a symlink, an error) takes the walk below, one component at a time.
+    if !rel.is_root() {
+        if let Ok(whole) = cstr(rel.as_bytes()) {
+            if let Ok(fd) = openat2_resolve(
+                root,
+                &whole,
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+                libc::RESOLVE_NO_SYMLINKS,
+            ) {
+                return Ok(fd);
+            }
+        }
+    }
     let mut cur = openat2_beneath(root, c".", libc::O_PATH | libc::O_DIRECTORY, 0)?;
     for comp in rel.components() {
         let name = cstr(comp.as_bytes())?;

@@ -2139,6 +2139,9 @@ struct Transfer {
     ours: Option<EntryState>,
     /// The object at the path when the decision was made (`None`: nothing there).
     seen: Option<ScanStamp>,
+    /// That object was nothing or a regular file with one link: a new version may replace it
+    /// in a batch commit (which first checks that it is still `seen`).
+    plain_target: bool,
     failed: Option<AckOutcome>,
     /// Patch mode: the changed bytes go to a journal, applied in place at the end.
     journal: Option<crate::patch::Journal>,
@@ -2157,6 +2160,16 @@ impl Drop for Transfer {
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh name for an intermediate file: the prefix the start sweeps, this process, a counter.
+fn tmp_name() -> String {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    format!(
+        "{TMP_PREFIX}{}-{}",
+        PID.get_or_init(std::process::id),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 impl Inner {
     fn receiver(self: Arc<Self>, i: usize, rx: mpsc::Receiver<Incoming>) {
@@ -2530,14 +2543,8 @@ impl Inner {
         if sync_dir {
             fsync_dir(dir.as_fd());
         }
-        drop(tmp);
-        let file = File::from(openat2_beneath(
-            dir.as_fd(),
-            &name,
-            libc::O_RDONLY | libc::O_NOFOLLOW,
-            0,
-        )?);
-        self.received(p, &path, &manifest, &file, theirs, ours.as_ref())?;
+        // The descriptor of the intermediate file is the file now at the name.
+        self.received(p, &path, &manifest, &tmp, theirs, ours.as_ref())?;
         if let Some(a) = self.applied() {
             a.changed(&path);
         }
@@ -2549,21 +2556,18 @@ impl Inner {
         self.applied.lock().clone()
     }
 
-    /// What the receiver holds at `path`: (stat, content hash) of a regular file.
+    /// What the receiver holds at `path`, which the caller found as `st` (`None`: nothing):
+    /// the open regular file and its manifest.
     fn have(
         &self,
         dir: BorrowedFd<'_>,
         name: &CStr,
         path: &RelPath,
+        st: Option<&libc::stat>,
     ) -> io::Result<Option<(File, Manifest)>> {
-        let st = match lstat_at(dir, name) {
-            Ok(st) => st,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if !is_kind(&st, libc::S_IFREG) {
+        let Some(st) = st.filter(|st| is_kind(st, libc::S_IFREG)) else {
             return Ok(None);
-        }
+        };
         let file = File::from(openat2_beneath(
             dir,
             name,
@@ -2577,7 +2581,7 @@ impl Inner {
         // Read only: a content the index does not have is a local change not reported yet
         // (or another apply half done); the decision treats it as such, and it is not
         // recorded as a version from here.
-        let m = match self.stored_manifest(id, &st) {
+        let m = match self.stored_manifest(id, st) {
             Some(m) => m,
             None => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, &file))?,
         };
@@ -2587,18 +2591,18 @@ impl Inner {
     /// This server's state of `path` as a decision sees it: the index entry, unless the
     /// backing object says otherwise (`true`: an object the index does not describe, e.g. a
     /// file a local writer is changing right now, which counts as a concurrent version).
+    /// `st`: what the caller found at the name (`None`: nothing).
     fn ours_view(
         &self,
         path: &RelPath,
         dir: BorrowedFd<'_>,
         name: &CStr,
         have_hash: Option<Hash>,
+        st: Option<&libc::stat>,
     ) -> (Option<EntryState>, bool) {
         let entry = self.entry(path.as_bytes()).map(|e| e.state);
-        let st = lstat_at(dir, name).ok();
-        let mut on_disk = st.as_ref().and_then(versions::kind_of);
-        // A file that appeared after the caller looked (another receiver's apply, a local
-        // writer): what it holds is read now.
+        let mut on_disk = st.and_then(versions::kind_of);
+        // A file whose content the caller did not read: it is read now.
         let have_hash = match have_hash {
             None if on_disk == Some(Kind::File) => {
                 let h = content_hash_at(dir, name);
@@ -2696,10 +2700,17 @@ impl Inner {
         let versioned = ver.is_some();
         let ver = self.incoming_version(p, ver)?;
         let (dir, name) = open_parent(self.root(), &path, true).map_err(|e| failed(&e))?;
-        // The decision reads a state no other apply is halfway through changing.
+        // The decision reads a state no other apply is halfway through changing, from one
+        // look at the name: the same look is what the commit finds unchanged (`seen`) before
+        // it replaces anything, so whatever appears after it sends the transfer back.
         let applying = self.apply_lock.lock();
+        let st = match lstat_at(dir.as_fd(), &name) {
+            Ok(st) => Some(st),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(failed(&e)),
+        };
         let have = self
-            .have(dir.as_fd(), &name, &path)
+            .have(dir.as_fd(), &name, &path, st.as_ref())
             .map_err(|e| failed(&e))?;
         let have_hash = have.as_ref().map(|(_, m)| *m.content_hash());
         let theirs = EntryState {
@@ -2709,7 +2720,7 @@ impl Inner {
             mode: meta.mode & 0o7777,
             ver,
         };
-        let (ours, unrecorded) = self.ours_view(&path, dir.as_fd(), &name, have_hash);
+        let (ours, unrecorded) = self.ours_view(&path, dir.as_fd(), &name, have_hash, st.as_ref());
         let decision = if versioned {
             self.decide_incoming(ours.as_ref(), unrecorded, &theirs)
         } else if have_hash == Some(content_hash) {
@@ -2742,13 +2753,13 @@ impl Inner {
             discard: false,
             theirs,
             ours,
-            seen: None,
+            seen: st.as_ref().map(stamp_of),
+            plain_target: st
+                .as_ref()
+                .is_none_or(|st| is_kind(st, libc::S_IFREG) && st.st_nlink <= 1),
             failed: None,
             journal: None,
         };
-        t.seen = lstat_at(t.dir.as_fd(), &t.name)
-            .ok()
-            .map(|st| stamp_of(&st));
         drop(applying);
         match decision {
             Decision::Same if have_hash == Some(content_hash) => return Ok(t),
@@ -2789,12 +2800,7 @@ impl Inner {
                 return Ok(t);
             }
         }
-        let tmp_name = CString::new(format!(
-            "{TMP_PREFIX}{}-{}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ))
-        .map_err(|e| failed(&ioerr(e)))?;
+        let tmp_name = CString::new(tmp_name()).map_err(|e| failed(&ioerr(e)))?;
         let tmp = openat2_beneath(
             t.dir.as_fd(),
             &tmp_name,
@@ -2928,7 +2934,10 @@ impl Inner {
                     retry: true,
                 });
             }
-            tmp.set_len(t.size)?;
+            if t.cloned {
+                // A clone of the base may be longer; written pieces alone end at `t.at`.
+                tmp.set_len(t.size)?;
+            }
             let m = Manifest::from_chunks(std::mem::take(&mut t.chunks));
             if *m.content_hash() != t.content_hash || m.size() != t.size {
                 return Ok(AckOutcome::Failed {
@@ -2937,12 +2946,7 @@ impl Inner {
                 });
             }
             apply_meta(tmp.as_fd(), &t.meta, self.cfg.owners, false)?;
-            let plain = t.decision == Decision::Apply
-                && t.size <= BATCH_MAX_FILE
-                && match lstat_at(t.dir.as_fd(), &t.name) {
-                    Ok(st) => is_kind(&st, libc::S_IFREG) && st.st_nlink <= 1,
-                    Err(e) => e.raw_os_error() == Some(libc::ENOENT),
-                };
+            let plain = t.decision == Decision::Apply && t.size <= BATCH_MAX_FILE && t.plain_target;
             if may_defer && plain {
                 deferred = Some(Box::new(Pending {
                     seq: t.seq,
@@ -3211,12 +3215,7 @@ impl Inner {
         } else {
             // Someone has the file open: rebuild beside it from the base plus the journal,
             // and rename, so readers keep the old version.
-            let tmp_name = CString::new(format!(
-                "{TMP_PREFIX}{}-{}",
-                std::process::id(),
-                TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-            ))
-            .map_err(ioerr)?;
+            let tmp_name = CString::new(tmp_name()).map_err(ioerr)?;
             let tmp = File::from(openat2_beneath(
                 t.dir.as_fd(),
                 &tmp_name,
@@ -3260,24 +3259,30 @@ impl Inner {
         state: EntryState,
         ours: Option<&EntryState>,
     ) -> io::Result<()> {
-        self.note_received(p, path, m, file)?;
-        self.record_remote(path.as_bytes(), state, ours, Some(stamp_of(&fstat(file)?)))
+        let stamp = stamp_of(&fstat(file)?);
+        self.note_received_as(p, path, m, stamp)?;
+        self.record_remote(path.as_bytes(), state, ours, Some(stamp))
     }
 
     /// Records that this server holds manifest `m` at `path`, received from `p` (which holds it
     /// too: its next delta may be computed against it).
     fn note_received(&self, p: &Peer, path: &RelPath, m: &Manifest, file: &File) -> io::Result<()> {
+        self.note_received_as(p, path, m, stamp_of(&fstat(file)?))
+    }
+
+    /// [`Inner::note_received`] of a file whose stamp the caller has.
+    fn note_received_as(
+        &self,
+        p: &Peer,
+        path: &RelPath,
+        m: &Manifest,
+        stamp: ScanStamp,
+    ) -> io::Result<()> {
         let id = self
             .store
             .ensure_file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
             .map_err(ioerr)?;
-        // SAFETY: zeroed stat buffer for fstat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid descriptor and buffer.
-        if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.record_content(id, m, stamp_of(&st))?;
+        self.record_content(id, m, stamp)?;
         self.store
             .set_acked_manifest(&p.key, id, &m.encode())
             .map_err(ioerr)
@@ -3341,12 +3346,7 @@ impl Inner {
         });
         if there {
             // The same copy is there already: ours is kept by it; clear the name.
-            let dup = CString::new(format!(
-                "{TMP_PREFIX}{}-{}",
-                std::process::id(),
-                TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-            ))
-            .map_err(ioerr)?;
+            let dup = CString::new(tmp_name()).map_err(ioerr)?;
             renameat(dir, name, dir, &dup)?;
             // SAFETY: unlinkat on our descriptor; the content lives on in the copy.
             unsafe { libc::unlinkat(dir.as_raw_fd(), dup.as_ptr(), 0) };
@@ -3613,7 +3613,9 @@ impl Inner {
                     mode: meta.mode & 0o7777,
                     ver: ver.cloned().unwrap_or_else(fallback),
                 };
-                let (mut ours, mut unrecorded) = self.ours_view(path, dir.as_fd(), &name, None);
+                let st = lstat_at(dir.as_fd(), &name).ok();
+                let (mut ours, mut unrecorded) =
+                    self.ours_view(path, dir.as_fd(), &name, None, st.as_ref());
                 // A symlink's content is its target: compare it on the disk.
                 if let Ok(t) = readlinkat(dir.as_fd(), &name) {
                     let h = *blake3::hash(&t).as_bytes();
