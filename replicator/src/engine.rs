@@ -1068,9 +1068,8 @@ impl Inner {
             size: m.size(),
         };
         self.store
-            .set_content(id, &version, &m.encode())
-            .map_err(ioerr)?;
-        self.store.set_stamp(id, stamp).map_err(ioerr)
+            .set_content(id, &version, &m.encode(), stamp, !one_chunk(m))
+            .map_err(ioerr)
     }
 
     /// The stored manifest of `id` if it still describes the file (same stamp), else a fresh
@@ -1670,10 +1669,13 @@ impl Inner {
             None => acked().or_else(prev),
         };
         let checked = matches!(base_override, Some(Some(_))) && base.is_none();
-        // Remember what is sent (small and medium files: their manifests are cheap to keep;
-        // a multi-GiB file's is tens of MB, and its ack is matched against the current or
-        // previous version instead).
-        if new.chunks().len() <= SENT_KEEP_MAX_CHUNKS {
+        // Remember what is sent (medium files: their manifests are cheap to keep; a multi-GiB
+        // file's is tens of MB, and its ack is matched against the current or previous version
+        // instead). A file of one chunk is not remembered at all: what the peer holds of it
+        // makes no delta smaller, and the version before the current one is the base then
+        // (a peer holding another says so, and is answered against that one).
+        let remember = !one_chunk(&new);
+        if remember && new.chunks().len() <= SENT_KEEP_MAX_CHUNKS {
             if let Err(e) =
                 self.store
                     .set_sent_manifest(&p.key, id, seq, new.content_hash(), &new.encode())
@@ -1744,7 +1746,9 @@ impl Inner {
             if let Some(f) = st.inflight.iter_mut().find(|f| f.seq == seq) {
                 f.acked = Some((id, hash));
             }
-            st.sent_ids.insert(seq, id);
+            if remember {
+                st.sent_ids.insert(seq, id);
+            }
         }
         self.send(p, ReplMsg::End { seq }, true)?;
         if new.chunks().len() > TRIM_CHUNKS {
@@ -2160,6 +2164,12 @@ impl Drop for Transfer {
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A version of at most one chunk: any change replaces it whole, so no delta is computed
+/// against it, and which of its versions a peer holds is not remembered.
+fn one_chunk(m: &Manifest) -> bool {
+    m.chunks().len() <= 1
+}
 
 /// A fresh name for an intermediate file: the prefix the start sweeps, this process, a counter.
 fn tmp_name() -> String {
@@ -3283,6 +3293,10 @@ impl Inner {
             .ensure_file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
             .map_err(ioerr)?;
         self.record_content(id, m, stamp)?;
+        if one_chunk(m) {
+            // Nothing to remember for a delta (see `remember` in the sender).
+            return Ok(());
+        }
         self.store
             .set_acked_manifest(&p.key, id, &m.encode())
             .map_err(ioerr)

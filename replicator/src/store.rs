@@ -737,11 +737,22 @@ impl Store {
             .transpose()
     }
 
-    /// Records a new current content version together with its manifest, atomically.
-    pub fn set_content(&self, id: FileId, version: &ContentVersion, manifest: &[u8]) -> Result<()> {
+    /// Records a new current content version together with its manifest and the stamp of the
+    /// file that holds it, atomically. `by_hash`: findable by its content hash
+    /// ([`Store::manifests_for_hash`], which finds a delta base; pointless for a file of one
+    /// chunk, which any change replaces whole).
+    pub fn set_content(
+        &self,
+        id: FileId,
+        version: &ContentVersion,
+        manifest: &[u8],
+        stamp: ScanStamp,
+        by_hash: bool,
+    ) -> Result<()> {
         let _g = self.lock();
         let mut state = self.file_state(id)?.unwrap_or_default();
         state.version = Some(version.clone());
+        state.stamp = Some(stamp);
         let mut m = Vec::with_capacity(manifest.len() + 1);
         m.push(FORMAT);
         m.extend_from_slice(manifest);
@@ -753,7 +764,9 @@ impl Store {
         }
         b.put(id_key(K_FILE, id), encode(&state));
         b.put(id_key(K_MANIFEST, id), m);
-        b.put(key(K_HASH, &[&version.hash]), id.0.to_be_bytes().to_vec());
+        if by_hash {
+            b.put(key(K_HASH, &[&version.hash]), id.0.to_be_bytes().to_vec());
+        }
         self.kv.apply(b)
     }
 

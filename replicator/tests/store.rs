@@ -22,6 +22,15 @@ fn version(n: u64) -> ContentVersion {
 }
 
 /// Everything is unsent: the sender has not taken any record yet.
+fn stamp(inode: u64) -> ScanStamp {
+    ScanStamp {
+        size: 200,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 5,
+        inode,
+    }
+}
+
 const ALL_UNSENT: u64 = 0;
 
 fn content_at(file: FileId, path: &str, bytes: u64) -> NewRecord {
@@ -215,15 +224,14 @@ fn file_state_manifests_and_acked_manifests() {
         id = store.ensure_file_id(Path::new("f")).expect("id");
         assert_eq!(store.file_state(id).expect("state"), None);
         store
-            .set_content(id, &version(2), b"manifest-v2")
+            .set_content(id, &version(2), b"manifest-v2", stamp(41), true)
             .expect("content");
-        let stamp = ScanStamp {
-            size: 200,
-            mtime_sec: 1_700_000_000,
-            mtime_nsec: 5,
-            inode: 42,
-        };
-        store.set_stamp(id, stamp).expect("stamp");
+        assert_eq!(
+            store.file_state(id).expect("state").and_then(|s| s.stamp),
+            Some(stamp(41))
+        );
+        // A later look at the file (the start scan) records its stamp alone.
+        store.set_stamp(id, stamp(42)).expect("stamp");
         store
             .set_acked_manifest(&PEER_B, id, b"manifest-v1")
             .expect("acked");
@@ -251,6 +259,35 @@ fn file_state_manifests_and_acked_manifests() {
 }
 
 #[test]
+fn content_is_found_by_hash_only_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let (a, b) = (
+        store.ensure_file_id(Path::new("a")).expect("a"),
+        store.ensure_file_id(Path::new("b")).expect("b"),
+    );
+    let (mut va, mut vb) = (version(1), version(1));
+    va.hash = [1; 32];
+    vb.hash = [2; 32];
+    store.set_content(a, &va, b"ma", stamp(1), true).expect("a");
+    store
+        .set_content(b, &vb, b"mb", stamp(2), false)
+        .expect("b");
+    assert_eq!(
+        store.manifests_for_hash(&[1; 32]).expect("by hash"),
+        vec![b"ma".to_vec()]
+    );
+    assert!(
+        store
+            .manifests_for_hash(&[2; 32])
+            .expect("by hash")
+            .is_empty()
+    );
+    // Not indexed by hash, still the file's current version.
+    assert_eq!(store.manifest(b).expect("m"), Some(b"mb".to_vec()));
+}
+
+#[test]
 fn prev_manifest_keeps_the_version_before_the_current_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (id, other);
@@ -261,25 +298,35 @@ fn prev_manifest_keeps_the_version_before_the_current_one() {
         assert_eq!(store.prev_manifest(id).expect("prev"), None);
 
         // The first version has nothing before it.
-        store.set_content(id, &version(1), b"m1").expect("v1");
+        store
+            .set_content(id, &version(1), b"m1", stamp(1), true)
+            .expect("v1");
         assert_eq!(store.prev_manifest(id).expect("prev"), None);
         assert_eq!(store.manifest(id).expect("m"), Some(b"m1".to_vec()));
 
-        store.set_content(id, &version(2), b"m2").expect("v2");
+        store
+            .set_content(id, &version(2), b"m2", stamp(2), true)
+            .expect("v2");
         assert_eq!(store.prev_manifest(id).expect("prev"), Some(b"m1".to_vec()));
         assert_eq!(store.manifest(id).expect("m"), Some(b"m2".to_vec()));
 
         // Recording the same manifest again (a rescan, a replayed update) keeps the real
         // predecessor instead of making the current manifest its own predecessor.
-        store.set_content(id, &version(2), b"m2").expect("v2 again");
+        store
+            .set_content(id, &version(2), b"m2", stamp(2), true)
+            .expect("v2 again");
         assert_eq!(store.prev_manifest(id).expect("prev"), Some(b"m1".to_vec()));
         assert_eq!(store.manifest(id).expect("m"), Some(b"m2".to_vec()));
 
-        store.set_content(id, &version(3), b"m3").expect("v3");
+        store
+            .set_content(id, &version(3), b"m3", stamp(3), true)
+            .expect("v3");
         assert_eq!(store.prev_manifest(id).expect("prev"), Some(b"m2".to_vec()));
 
         // Another file's manifests are its own.
-        store.set_content(other, &version(1), b"o1").expect("other");
+        store
+            .set_content(other, &version(1), b"o1", stamp(1), true)
+            .expect("other");
         assert_eq!(store.prev_manifest(other).expect("prev other"), None);
         store.flush().expect("flush");
     }
