@@ -7,7 +7,11 @@ use serde::{Deserialize, Serialize};
 use crate::{PeerId, RelPath};
 
 /// The protocol version this build speaks; exchanged in [`Message::Hello`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
+
+/// Largest content sent inline in a [`ReplMsg::Begin`]: with a path, a version and a few
+/// attributes it stays well within a Bulk frame (64 KiB).
+pub const MAX_INLINE: usize = 32 * 1024;
 
 /// One frame's content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,7 +266,8 @@ pub enum AckOutcome {
 /// flow credit receiver → sender on the Control lane.
 ///
 /// Each queued record travels as one [`ReplMsg::Op`] or as a content transfer:
-/// [`ReplMsg::Begin`], then `Copy`/`Data` pieces in new-file order, then [`ReplMsg::End`]. A
+/// [`ReplMsg::Begin`], then `Copy`/`Data` pieces in new-file order, then [`ReplMsg::End`]
+/// (a small version travels whole in its `Begin`: `inline`). A
 /// receiver that refuses a record ignores the rest of that `epoch`; the sender starts a new
 /// epoch at the record it resends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +302,10 @@ pub enum ReplMsg {
         side: bool,
         /// The version being sent.
         ver: Option<Box<Version>>,
+        /// A small version whose every byte travels: all of it ([`MAX_INLINE`] bytes at most),
+        /// which the receiver cuts into chunks as the sender did. No pieces and no `End`
+        /// follow: this message is the whole transfer.
+        inline: Option<ByteBuf>,
     },
     /// Bytes of the base version at `from_offset` (whole base chunks).
     Copy {

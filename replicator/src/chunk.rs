@@ -95,6 +95,25 @@ impl<R: Read> Iterator for Chunker<R> {
     }
 }
 
+/// Chunks bytes already in memory (from offset 0): the same cut points as [`chunk_reader`]
+/// (fastcdc's slice and stream forms run one algorithm; `tests/chunk_golden.rs` checks that
+/// they agree), without the stream form's `MAX_SIZE` buffer, which costs more than the
+/// chunking itself for a small file.
+pub fn chunk_slice(bytes: &[u8]) -> Vec<ChunkRef> {
+    fastcdc::v2020::FastCDC::new(
+        bytes,
+        MIN_SIZE as usize,
+        AVG_SIZE as usize,
+        MAX_SIZE as usize,
+    )
+    .map(|c| ChunkRef {
+        offset: c.offset as u64,
+        len: c.length as u32,
+        hash: hash_bytes(&bytes[c.offset..c.offset + c.length]),
+    })
+    .collect()
+}
+
 /// Chunks a whole stream from offset 0 and returns the chunk list.
 pub fn chunk_reader<R: Read>(reader: R) -> io::Result<Vec<ChunkRef>> {
     Chunker::new(reader, 0)

@@ -29,7 +29,9 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
-use peerfs_proto::msg::{AckOutcome, ByteBuf, EntryState, Kind, Meta, NsOp, ReplMsg, Version};
+use peerfs_proto::msg::{
+    AckOutcome, ByteBuf, EntryState, Kind, MAX_INLINE, Meta, NsOp, ReplMsg, Version,
+};
 use peerfs_proto::{PeerId, RelPath};
 
 use crate::beneath::{lstat_at, open_dir, open_parent, openat2_beneath};
@@ -1704,6 +1706,34 @@ impl Inner {
                 false
             }
         };
+        let same = base
+            .as_ref()
+            .is_some_and(|b| b.content_hash() == new.content_hash());
+        let hash = *new.content_hash();
+        // A small version whose every byte travels goes whole in its Begin (one message
+        // instead of three); the Begin then makes the peer answer, so what it will hold is
+        // recorded first.
+        let inline = if !side
+            && !same
+            && new.size() <= MAX_INLINE as u64
+            && meta
+                .xattrs
+                .iter()
+                .map(|(n, v)| n.0.len() + v.0.len())
+                .sum::<usize>()
+                <= INLINE_MAX_XATTRS
+            && delta.ops.iter().all(|op| matches!(op, Op::Data { .. }))
+        {
+            let bytes = read_verified(&file, &new)?;
+            p.counters
+                .content_bytes_sent
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.holds_once_acked(p, seq, id, hash, remember);
+            Some(ByteBuf(bytes))
+        } else {
+            None
+        };
+        let whole = inline.is_some();
         self.send(
             p,
             ReplMsg::Begin {
@@ -1718,13 +1748,13 @@ impl Inner {
                 checked,
                 side,
                 ver: Some(Box::new(ver)),
+                inline,
             },
             true,
         )?;
-        let same = base
-            .as_ref()
-            .is_some_and(|b| b.content_hash() == new.content_hash());
-        let hash = *new.content_hash();
+        if whole {
+            return Ok(Sent::Record);
+        }
         if side {
             return Ok(Sent::Side(
                 SideJob {
@@ -1741,15 +1771,7 @@ impl Inner {
             self.stream_ops(p, generation, seq, &file, &new, &delta)?;
         }
         // What the peer holds once it acks, recorded before the End that makes it ack.
-        {
-            let mut st = p.state.lock();
-            if let Some(f) = st.inflight.iter_mut().find(|f| f.seq == seq) {
-                f.acked = Some((id, hash));
-            }
-            if remember {
-                st.sent_ids.insert(seq, id);
-            }
-        }
+        self.holds_once_acked(p, seq, id, hash, remember);
         self.send(p, ReplMsg::End { seq }, true)?;
         if new.chunks().len() > TRIM_CHUNKS {
             drop((new, delta, base));
@@ -1848,6 +1870,18 @@ impl Inner {
         out
     }
 
+    /// Records that `p` holds version `hash` of `id` once it acknowledges record `seq`
+    /// (`remember`: the version sent is kept for the acknowledgement, see `send_content`).
+    fn holds_once_acked(&self, p: &Peer, seq: u64, id: FileId, hash: Hash, remember: bool) {
+        let mut st = p.state.lock();
+        if let Some(f) = st.inflight.iter_mut().find(|f| f.seq == seq) {
+            f.acked = Some((id, hash));
+        }
+        if remember {
+            st.sent_ids.insert(seq, id);
+        }
+    }
+
     fn stream_ops(
         &self,
         p: &Peer,
@@ -1860,7 +1894,11 @@ impl Inner {
         let chunks = new.chunks();
         let mut ci = 0usize;
         let mut sent: u64 = 0;
-        let mut buf = vec![0u8; MAX_SIZE as usize];
+        let largest = delta.ops.iter().map(|op| match op {
+            Op::Data { len, .. } => *len as usize,
+            Op::Copy { .. } => 0,
+        });
+        let mut buf = vec![0u8; largest.max().unwrap_or(0)];
         for op in &delta.ops {
             match op {
                 Op::Copy { from_offset, len } => {
@@ -2165,6 +2203,32 @@ impl Drop for Transfer {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Attribute bytes beyond which a small version's content is not sent inline (the Begin must
+/// fit in one Bulk frame).
+const INLINE_MAX_XATTRS: usize = 8 * 1024;
+
+/// The whole content of `file` as `m` describes it; `Stop::Changed` if it no longer is that.
+fn read_verified(file: &File, m: &Manifest) -> Result<Vec<u8>, Stop> {
+    let size = usize::try_from(m.size()).map_err(|_| Stop::Changed)?;
+    let mut bytes = vec![0u8; size];
+    file.read_exact_at(&mut bytes, 0).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Stop::Changed
+        } else {
+            Stop::Io(e)
+        }
+    })?;
+    for c in m.chunks() {
+        let piece = usize::try_from(c.offset)
+            .ok()
+            .and_then(|at| bytes.get(at..at + c.len as usize));
+        if piece.is_none_or(|b| hash_bytes(b) != c.hash) {
+            return Err(Stop::Changed);
+        }
+    }
+    Ok(bytes)
+}
+
 /// A version of at most one chunk: any change replaces it whole, so no delta is computed
 /// against it, and which of its versions a peer holds is not remembered.
 fn one_chunk(m: &Manifest) -> bool {
@@ -2195,12 +2259,16 @@ impl Inner {
         let mut batch: Vec<Queued> = Vec::new();
         // Batches are committed on a thread of their own while the next one is built.
         let mut committer = Committer::start(self.clone(), p.clone());
+        // The end of a transfer whose content came inline in its Begin, handled next.
+        let mut inline_end: Option<u64> = None;
         // Nothing from peers is applied before the start scan has recorded what is here.
         while self.scanning.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
         }
         loop {
-            let m = if batch.is_empty() {
+            let m = if let Some(seq) = inline_end.take() {
+                Incoming::Msg(ReplMsg::End { seq })
+            } else if batch.is_empty() {
                 match rx.recv() {
                     Ok(m) => m,
                     Err(_) => break,
@@ -2310,6 +2378,7 @@ impl Inner {
                     checked,
                     side: beside,
                     ver,
+                    inline,
                     ..
                 } => match self.begin(
                     &p,
@@ -2323,10 +2392,27 @@ impl Inner {
                     checked,
                     ver.map(|v| *v),
                 ) {
-                    Ok(t) if beside => {
-                        side.insert(seq, t);
+                    Ok(mut t) => {
+                        if let Some(bytes) = inline {
+                            // The whole transfer: its content, and its end next.
+                            if t.failed.is_none() {
+                                if let Err(e) = t.inline(&bytes.0) {
+                                    t.failed = Some(failed(&e));
+                                }
+                            }
+                            let n = bytes.0.len() as u64;
+                            t.received += n;
+                            p.counters
+                                .content_bytes_received
+                                .fetch_add(n, Ordering::Relaxed);
+                            inline_end = Some(seq);
+                        }
+                        if beside {
+                            side.insert(seq, t);
+                        } else {
+                            cur = Some(t);
+                        }
                     }
-                    Ok(t) => cur = Some(t),
                     Err(outcome) => {
                         if !ack(seq, outcome, None) {
                             halted = true;
@@ -3959,6 +4045,33 @@ impl Transfer {
             copy_range(base, from, tmp, self.at, len)?;
         }
         self.at += len;
+        Ok(())
+    }
+
+    /// The whole content, sent inline: cut into chunks as the sender did (the chunker is
+    /// deterministic; the content hash checked at the end covers the cut too).
+    fn inline(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.tmp.is_none() && self.journal.is_none() {
+            return Ok(());
+        }
+        if bytes.len() > MAX_INLINE {
+            return Err(ioerr("inline content larger than the maximum"));
+        }
+        if self.at != 0 || !self.part.is_empty() {
+            return Err(ioerr("inline content after pieces"));
+        }
+        let chunks = crate::chunk::chunk_slice(bytes);
+        match self.journal.as_mut() {
+            Some(j) => {
+                for c in &chunks {
+                    j.piece(c.offset, &bytes[c.offset as usize..c.end() as usize])?;
+                }
+            }
+            None if bytes.is_empty() => {}
+            None => self.tmp()?.write_all_at(bytes, 0)?,
+        }
+        self.at = bytes.len() as u64;
+        self.chunks = chunks;
         Ok(())
     }
 

@@ -20,6 +20,39 @@ fn golden_cut_points_of_seeded_mebibyte() {
     assert_eq!(hex(&chunks[chunks.len() - 1].hash), GOLDEN_LAST);
 }
 
+/// Receivers cut inline content in memory (`chunk_slice`) and senders cut files as streams
+/// (`chunk_reader`): the two must agree on every input, or an inline transfer would never
+/// match its content hash.
+#[test]
+fn slices_and_streams_are_cut_alike() {
+    let golden = common::xorshift_bytes(0x5eed_0001, 1 << 20);
+    let cuts: Vec<u64> = chunk::chunk_slice(&golden)
+        .iter()
+        .map(|c| c.end())
+        .collect();
+    assert_eq!(cuts, GOLDEN_CUTS);
+    for seed in 0..200u64 {
+        // Sizes around the chunk bounds and beyond, random and repetitive content.
+        let len = match seed % 4 {
+            0 => (seed * 37) as usize % (MIN_SIZE as usize * 2),
+            1 => (seed * 7919) as usize % (MAX_SIZE as usize * 2),
+            2 => (seed * 104_729) as usize % (1 << 20),
+            _ => MAX_SIZE as usize + (seed as usize % 3) - 1,
+        };
+        let data = if seed % 5 == 0 {
+            vec![seed as u8; len]
+        } else {
+            common::mixed_bytes(seed, len)
+        };
+        let stream = chunk::chunk_reader(&data[..]).expect("chunking a slice cannot fail");
+        assert_eq!(
+            chunk::chunk_slice(&data),
+            stream,
+            "seed {seed}, {len} bytes"
+        );
+    }
+}
+
 #[test]
 fn chunk_sizes_stay_in_bounds_and_hashes_are_blake3() {
     let data = common::mixed_bytes(7, 3 << 20);

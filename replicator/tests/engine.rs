@@ -125,6 +125,41 @@ fn begin(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
         checked: false,
         side: false,
         ver: None,
+        inline: None,
+    }
+}
+
+/// A Begin carrying `content` whole (no pieces, no End follow).
+fn begin_inline(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
+    match begin(epoch, seq, p, content) {
+        ReplMsg::Begin {
+            epoch,
+            seq,
+            path,
+            base,
+            size,
+            content_hash,
+            meta,
+            aligned,
+            checked,
+            side,
+            ver,
+            ..
+        } => ReplMsg::Begin {
+            epoch,
+            seq,
+            path,
+            base,
+            size,
+            content_hash,
+            meta,
+            aligned,
+            checked,
+            side,
+            ver,
+            inline: Some(ByteBuf(content.to_vec())),
+        },
+        other => other,
     }
 }
 
@@ -222,6 +257,59 @@ fn a_transfer_begun_during_the_start_scan_is_applied() {
     );
 }
 
+/// A small version travels whole in its Begin: one message is the whole transfer, applied
+/// and answered; inline content that is not what the Begin announces, or larger than the
+/// maximum, is refused and changes nothing.
+#[test]
+fn inline_content_applies_alone_and_a_mismatch_changes_nothing() {
+    let f = fixture();
+    // Several chunks' worth (the receiver cuts them as the sender did), and an empty file.
+    let content: Vec<u8> = (0..30_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    f.repl
+        .on_message(PEER, begin_inline(1, 0, "dir/small.bin", &content));
+    f.repl.on_message(PEER, begin_inline(1, 1, "empty", b""));
+    assert_eq!(f.ack(0), AckOutcome::Applied);
+    assert_eq!(f.ack(1), AckOutcome::Applied);
+    assert_eq!(
+        std::fs::read(f.backing.join("dir/small.bin")).expect("read"),
+        content
+    );
+    assert_eq!(std::fs::read(f.backing.join("empty")).expect("read"), b"");
+
+    // Inline bytes other than the announced content: refused, nothing appears.
+    let mut forged = begin_inline(1, 2, "dir/forged.bin", b"announced");
+    if let ReplMsg::Begin { inline, .. } = &mut forged {
+        *inline = Some(ByteBuf(b"something else".to_vec()));
+    }
+    f.repl.on_message(PEER, forged);
+    assert!(
+        matches!(f.ack(2), AckOutcome::Failed { .. }),
+        "{:?}",
+        f.ack(2)
+    );
+    // More than the inline maximum.
+    let big = vec![3u8; peerfs_proto::msg::MAX_INLINE + 1];
+    // (The refusal halted the stream: the sender restarts it with a new epoch.)
+    f.repl.on_message(PEER, begin_inline(2, 3, "big.bin", &big));
+    assert!(
+        matches!(f.ack(3), AckOutcome::Failed { .. }),
+        "{:?}",
+        f.ack(3)
+    );
+    assert_eq!(
+        std::fs::read(f.backing.join("dir/small.bin")).expect("read"),
+        content
+    );
+    assert!(!f.backing.join("big.bin").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(f.backing.join("dir"))
+        .expect("list")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n != "small.bin")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 #[test]
 fn hostile_copies_and_oversized_data_are_refused() {
     let f = fixture();
@@ -242,6 +330,7 @@ fn hostile_copies_and_oversized_data_are_refused() {
             checked: false,
             side: false,
             ver: None,
+            inline: None,
         },
     );
     f.repl.on_message(

@@ -28,7 +28,7 @@ use proptest::prelude::*;
 /// connection's `Connected` comes before its messages, and nothing of an earlier connection
 /// arrives after it).
 enum Ev {
-    Msg(PeerId, PeerId, ReplMsg, u64),
+    Msg(PeerId, PeerId, Box<ReplMsg>, u64),
     Connected(PeerId, PeerId),
     Disconnected(PeerId, PeerId),
 }
@@ -69,7 +69,7 @@ impl Transport for Port {
             self.net.recon_bytes.fetch_add(n, Ordering::SeqCst);
         }
         match self.net.queue.lock().as_ref() {
-            Some(tx) => tx.send(Ev::Msg(self.me, peer, msg, conn)).is_ok(),
+            Some(tx) => tx.send(Ev::Msg(self.me, peer, Box::new(msg), conn)).is_ok(),
             None => false,
         }
     }
@@ -143,7 +143,7 @@ impl Cluster {
                         Ev::Msg(from, to, msg, conn) => {
                             // Messages of a connection that went down meanwhile are lost.
                             if net.up.lock().get(&(from, to)) == Some(&conn) {
-                                r.on_message(from, msg);
+                                r.on_message(from, *msg);
                             }
                         }
                         Ev::Connected(_, from) => r.peer_connected(from),
