@@ -588,8 +588,11 @@ impl Adapter {
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let caps = config.capabilities();
-        let mut want = InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_PARALLEL_DIROPS
+        // Not FUSE_ATOMIC_O_TRUNC: with it the daemon truncates in OPEN, before the kernel
+        // checks that no one runs the file (ETXTBSY), so `open(O_TRUNC)` of a running program
+        // truncated it under the program (which then died of SIGBUS, and a second open went
+        // through). Without it the kernel checks first, then truncates with a SETATTR.
+        let mut want = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO;
         // The drive clears setuid/setgid itself on write, truncate and chown (see `Vfs::write`,

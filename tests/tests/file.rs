@@ -29,6 +29,7 @@ both_data_paths!(
     large_file_roundtrip,
     read_past_end_and_on_wrong_handles,
     o_direct_io,
+    running_program_is_neither_opened_for_writing_nor_truncated,
 );
 
 fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -241,6 +242,34 @@ fn o_trunc(t: &Pair) {
     });
     assert_eq!(got, 0);
     t.assert_same_tree();
+}
+
+/// A program that runs from the drive: opening it for writing, or truncating it by an
+/// O_RDONLY|O_TRUNC open, fails with ETXTBSY and leaves it whole (the drive used to truncate
+/// it in the open, before the kernel's check, and the program died of SIGBUS).
+fn running_program_is_neither_opened_for_writing_nor_truncated(t: &Pair) {
+    let got = t.both_ok("write opens of a running program", |r| {
+        let prog = r.join("prog");
+        fs::copy("/bin/sleep", &prog)?;
+        fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let size = fs::metadata(&prog)?.len();
+        let mut child = std::process::Command::new(&prog).arg("30").spawn()?;
+        let mut results = Vec::new();
+        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+            results.push(
+                sys::open(&prog, flags, 0)
+                    .err()
+                    .and_then(|e| e.raw_os_error()),
+            );
+        }
+        let whole = fs::metadata(&prog)?.len() == size;
+        let alive = child.try_wait()?.is_none();
+        child.kill()?;
+        child.wait()?;
+        fs::remove_file(&prog)?;
+        Ok((results, whole, alive))
+    });
+    assert_eq!(got, (vec![Some(libc::ETXTBSY); 3], true, true));
 }
 
 fn sparse_file(t: &Pair) {

@@ -962,9 +962,13 @@ impl Vfs {
                     kill_suidgid_fd(fd)?;
                 }
                 let old = sys::fstat(fd)?.st_size as u64;
+                // A truncating read-only open (O_RDONLY|O_TRUNC) truncates through its handle
+                // too, which cannot: by the node then.
                 match handle {
-                    Some(h) => sys::ftruncate(h.fd.as_fd(), size)?,
-                    None => sys::truncate_fd_path(fd, size)?,
+                    Some(h) if sys::opened_for_writing(h.fd.as_fd()) => {
+                        sys::ftruncate(h.fd.as_fd(), size)?
+                    }
+                    _ => sys::truncate_fd_path(fd, size)?,
                 }
                 let changed = old.min(size)..old.max(size);
                 if self.has_writers(id) {

@@ -207,6 +207,13 @@ pub(crate) fn truncate_fd_path(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
     cvt(unsafe { libc::truncate(proc.as_cstr().as_ptr(), size) }).map(drop)
 }
 
+/// Whether `fd` was opened for writing (ftruncate works through it).
+pub(crate) fn opened_for_writing(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: F_GETFL on a valid fd.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_ACCMODE != libc::O_RDONLY
+}
+
 pub(crate) fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
     let size = i64::try_from(size).map_err(|_| VfsError::os(libc::EFBIG))?;
     // SAFETY: valid fd.
