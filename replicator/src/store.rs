@@ -443,7 +443,7 @@ const K_ID_PATH: u8 = b'I'; // FileId -> path
 const K_FILE: u8 = b'F'; // FileId -> FileState
 const K_MANIFEST: u8 = b'm'; // FileId -> manifest
 const K_QUEUE: u8 = b'Q'; // peer, seq -> QueueRecord
-const K_COALESCE: u8 = b'C'; // peer, file, kind tag -> seq of the pending record
+const K_COALESCE: u8 = b'C'; // (earlier builds: the coalescing index, now in memory)
 const K_STATS: u8 = b'S'; // peer -> PeerStats
 const K_ACKED: u8 = b'A'; // file, peer -> manifest the peer acked
 const K_SENT: u8 = b's'; // file, peer -> manifest last sent to the peer (acked or not)
@@ -498,8 +498,40 @@ fn queue_key(peer: &PeerKey, seq: u64) -> Vec<u8> {
     key(K_QUEUE, &[peer, &seq.to_be_bytes()])
 }
 
-fn coalesce_key(peer: &PeerKey, file: FileId, tag: u8) -> Vec<u8> {
-    key(K_COALESCE, &[peer, &file.0.to_be_bytes(), &[tag]])
+/// The coalescing index: (peer, file, kind tag) → `seq` of the newest pending Content or Meta
+/// record of that file, so a later change of it joins that record instead of adding one. It
+/// is derived from the queues, kept in memory and rebuilt from them at open (it used to be
+/// stored, which cost two index writes per queued record). An entry may be stale (a record
+/// acknowledged meanwhile, or a batch that failed): users check the record it names.
+#[derive(Default)]
+struct Coalesce(std::collections::HashMap<(PeerKey, FileId, u8), u64>);
+
+impl Coalesce {
+    fn rebuild(kv: &Kv) -> Result<Coalesce> {
+        let mut index = Coalesce::default();
+        for kv in kv.scan_prefix(&[K_QUEUE]) {
+            let (k, v) = kv?;
+            let Some(peer) = k.get(1..33).and_then(|p| PeerKey::try_from(p).ok()) else {
+                continue;
+            };
+            // Undecodable records are reported when the queue is read, not here.
+            if let Ok(rec) = decode::<QueueRecord>("queue", &v) {
+                if let Some(tag) = coalesce_tag(&rec.kind) {
+                    // In key order: the newest record of a file wins.
+                    index.0.insert((peer, rec.file, tag), rec.seq);
+                }
+            }
+        }
+        // The stored index of earlier builds is dropped.
+        let mut b = Batch::default();
+        for kv in kv.scan_prefix(&[K_COALESCE]) {
+            b.del(kv?.0);
+        }
+        if !b.0.is_empty() {
+            kv.apply(b)?;
+        }
+        Ok(index)
+    }
 }
 
 /// Sent-but-unacknowledged versions kept per file and peer, at most...
@@ -538,7 +570,8 @@ struct PeerStats {
 pub struct Store {
     kv: Kv,
     /// Serialises writers: every update reads counters or indexes before its atomic batch.
-    write: Mutex<()>,
+    /// It guards the coalescing index, which lives in memory only (see [`Coalesce`]).
+    write: Mutex<Coalesce>,
     /// Grows with every change of the reconciliation index (what was computed from it at one
     /// value is still right while the value stays).
     cat_gen: std::sync::atomic::AtomicU64,
@@ -564,9 +597,10 @@ impl Store {
                 });
             }
         }
+        let coalesce = Coalesce::rebuild(&kv)?;
         Ok(Store {
             kv,
-            write: Mutex::new(()),
+            write: Mutex::new(coalesce),
             cat_gen: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -576,9 +610,10 @@ impl Store {
         self.kv.flush()
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        // The guarded data is `()`: a panic in another writer leaves nothing half-updated in
-        // memory (sled batches are atomic), so a poisoned lock is safe to take.
+    fn lock(&self) -> MutexGuard<'_, Coalesce> {
+        // The guarded index only ever points at records to check (see `Coalesce`): a panic in
+        // another writer cannot leave it wrong in a harmful way, so a poisoned lock is safe
+        // to take.
         self.write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -840,12 +875,12 @@ impl Store {
         rec: NewRecord,
         durable: bool,
     ) -> Result<Vec<u64>> {
-        let _g = self.lock();
+        let mut index = self.lock();
         let tag = coalesce_tag(&rec.kind);
         let mut b = Batch::default();
         let mut out = Vec::with_capacity(peers.len());
         for (peer, unsent_from) in peers {
-            if let Some(seq) = self.pending_same(peer, &rec, tag, *unsent_from)? {
+            if let Some(seq) = self.pending_same(&index, peer, &rec, tag, *unsent_from)? {
                 out.push(seq);
                 continue;
             }
@@ -863,10 +898,9 @@ impl Store {
             stats.len += 1;
             stats.bytes = stats.bytes.saturating_add(record.bytes);
             if let Some(tag) = tag {
-                b.put(
-                    coalesce_key(peer, record.file, tag),
-                    seq.to_be_bytes().to_vec(),
-                );
+                // Before the batch is applied: if it fails, the entry points at a record
+                // that does not exist, which `pending_same` checks.
+                index.0.insert((*peer, record.file, tag), seq);
             }
             b.put(queue_key(peer, seq), encode(&record));
             b.put(key(K_STATS, &[peer]), encode(&stats));
@@ -882,16 +916,16 @@ impl Store {
     /// The pending record that already brings `peer` to `rec`'s state (see [`Store::enqueue`]).
     fn pending_same(
         &self,
+        index: &Coalesce,
         peer: &PeerKey,
         rec: &NewRecord,
         tag: Option<u8>,
         unsent_from: u64,
     ) -> Result<Option<u64>> {
         let Some(tag) = tag else { return Ok(None) };
-        let Some(v) = self.kv.get(&coalesce_key(peer, rec.file, tag))? else {
+        let Some(&old_seq) = index.0.get(&(*peer, rec.file, tag)) else {
             return Ok(None);
         };
-        let old_seq = decode_u64("coalesce index", &v)?;
         if old_seq < unsent_from {
             return Ok(None);
         }
@@ -942,7 +976,7 @@ impl Store {
     /// Removes every record of `peer`'s queue with `seq <= up_to_seq`; returns how many.
     /// Re-acking is harmless. Not flushed: a lost ack only replays records, which is idempotent.
     pub fn ack(&self, peer: &PeerKey, up_to_seq: u64) -> Result<usize> {
-        let _g = self.lock();
+        let mut index = self.lock();
         let mut stats = self.stats(peer)?;
         let mut b = Batch::default();
         let mut removed = 0;
@@ -956,9 +990,9 @@ impl Store {
             if let Ok(rec) = decode::<QueueRecord>("queue", &v) {
                 stats.bytes = stats.bytes.saturating_sub(rec.bytes);
                 if let Some(tag) = coalesce_tag(&rec.kind) {
-                    let ck = coalesce_key(peer, rec.file, tag);
-                    if self.kv.get(&ck)?.as_deref() == Some(&rec.seq.to_be_bytes()[..]) {
-                        b.del(ck);
+                    let k = (*peer, rec.file, tag);
+                    if index.0.get(&k) == Some(&rec.seq) {
+                        index.0.remove(&k);
                     }
                 }
             }

@@ -469,6 +469,63 @@ fn unsent_content_and_meta_coalesce_by_file_and_path() {
     assert_eq!(store.len(&PEER_B).expect("len B"), 3);
 }
 
+/// The coalescing index is rebuilt from the queues when the store opens again: pending
+/// records keep absorbing changes of their file, acknowledged ones no longer do.
+#[test]
+fn coalescing_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = FileId(7);
+    {
+        let store = open(dir.path());
+        assert_eq!(
+            store
+                .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
+                .expect("c"),
+            0
+        );
+        assert_eq!(
+            store
+                .enqueue(&PEER_B, meta_at(f, "a", 1), ALL_UNSENT)
+                .expect("m"),
+            1
+        );
+        assert_eq!(
+            store
+                .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
+                .expect("c"),
+            0
+        );
+        store.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store
+            .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
+            .expect("c"),
+        0
+    );
+    assert_eq!(
+        store
+            .enqueue(&PEER_B, meta_at(f, "a", 1), ALL_UNSENT)
+            .expect("m"),
+        1
+    );
+    assert_eq!(store.len(&PEER_B).expect("len"), 2);
+    assert_eq!(store.ack(&PEER_B, 0).expect("ack"), 1);
+    assert_eq!(
+        store
+            .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
+            .expect("c"),
+        2
+    );
+    assert_eq!(
+        store
+            .enqueue(&PEER_B, meta_at(f, "a", 1), ALL_UNSENT)
+            .expect("m"),
+        1
+    );
+}
+
 #[test]
 fn bytes_pending_tracks_enqueue_coalesce_and_ack() {
     let dir = tempfile::tempdir().expect("tempdir");
