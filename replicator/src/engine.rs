@@ -1044,7 +1044,7 @@ impl Inner {
             .and_then(|b| Manifest::decode(&b).ok());
         let manifest = match (old, dirty) {
             (Some(old), Some(dirty)) => manifest::rechunk(&old, file, dirty)?,
-            _ => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, file))?,
+            _ => Manifest::from_file(file, st.st_size as u64)?,
         };
         self.record_content(id, &manifest, stamp_of(st))?;
         // The index follows: a new content is a new version made here.
@@ -2679,7 +2679,7 @@ impl Inner {
         // recorded as a version from here.
         let m = match self.stored_manifest(id, st) {
             Some(m) => m,
-            None => Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, &file))?,
+            None => Manifest::from_file(&file, st.st_size as u64)?,
         };
         Ok(Some((file, m)))
     }
@@ -4617,7 +4617,7 @@ fn content_hash_at(dir: BorrowedFd<'_>, name: &CStr) -> Option<Hash> {
         0,
     )
     .ok()?;
-    let m = Manifest::from_reader(io::BufReader::new(File::from(fd))).ok()?;
+    let m = Manifest::from_file(&File::from(fd), 0).ok()?;
     Some(*m.content_hash())
 }
 

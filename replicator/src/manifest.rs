@@ -17,6 +17,9 @@ use crate::chunk::{self, ChunkRef, Chunker, Hash, MAX_SIZE, RangeReader};
 /// Domain separation for the content hash, so it cannot collide with a chunk hash.
 const CONTENT_HASH_CONTEXT: &str = "peerfs 2026 manifest content hash v1";
 
+/// Files up to this size are chunked in memory by [`Manifest::from_file`].
+const IN_MEMORY_MAX: u64 = 1024 * 1024;
+
 /// Why an encoded manifest was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -92,6 +95,35 @@ impl Manifest {
     /// Chunks a whole stream (full re-chunk, O(file)): for files written behind the drive's back.
     pub fn from_reader<R: io::Read>(reader: R) -> io::Result<Self> {
         Ok(Self::from_chunks(chunk::chunk_reader(reader)?))
+    }
+
+    /// Chunks a whole file (full re-chunk, O(file)) whose size was last seen as `size_hint`: a
+    /// small one in one read and in memory, a larger one as a stream (bounded memory).
+    pub fn from_file(file: &File, size_hint: u64) -> io::Result<Self> {
+        if size_hint <= IN_MEMORY_MAX {
+            let mut bytes_read = 0;
+            let reader = RangeReader {
+                file,
+                pos: 0,
+                end: u64::MAX,
+                bytes_read: &mut bytes_read,
+            };
+            // A file that grew past the bound meanwhile is streamed after all.
+            let mut buf = Vec::with_capacity(size_hint as usize + 1);
+            let mut limited = io::Read::take(reader, IN_MEMORY_MAX + 1);
+            io::Read::read_to_end(&mut limited, &mut buf)?;
+            if buf.len() as u64 <= IN_MEMORY_MAX {
+                return Ok(Self::from_chunks(chunk::chunk_slice(&buf)));
+            }
+        }
+        let mut bytes_read = 0;
+        let reader = RangeReader {
+            file,
+            pos: 0,
+            end: u64::MAX,
+            bytes_read: &mut bytes_read,
+        };
+        Self::from_reader(io::BufReader::with_capacity(256 * 1024, reader))
     }
 
     /// File size in bytes.

@@ -281,3 +281,25 @@ fn edits_of_a_64_mib_file_read_little() {
         );
     }
 }
+
+/// A whole file chunked in memory (small) or streamed (large), whatever the size hint says
+/// and even when the hint is stale: the same manifest as a stream chunking of its bytes.
+#[test]
+fn from_file_equals_a_stream_chunking_at_every_size() {
+    for (len, hint) in [
+        (0usize, 0u64),
+        (1, 1),
+        (5_000, 5_000),
+        (70_000, 0),
+        ((1 << 20) - 1, 1 << 20),
+        (1 << 20, 1 << 20),
+        ((1 << 20) + 1, 1 << 20),
+        (3 << 20, 100),
+        (100, 3 << 20),
+    ] {
+        let bytes = common::mixed_bytes(len as u64, len);
+        let f = file_with(&bytes);
+        let m = Manifest::from_file(&f, hint).expect("from_file");
+        assert_eq!(m, full(&bytes), "{len} bytes, hint {hint}");
+    }
+}

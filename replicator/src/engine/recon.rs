@@ -938,6 +938,21 @@ impl Inner {
                     continue;
                 }
             };
+            // The folder is opened once for all its entries (each used to open it again).
+            let dir_fd = match path_of_bytes(&dir) {
+                Some(r) if !dir.is_empty() => open_dir(self.root(), &r, false),
+                _ => open_dir(self.root(), &RelPath::root(), false),
+            };
+            let dir_fd = match dir_fd {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(dir = %full.display(), "start scan: cannot open: {e}");
+                    for (p, _) in self.store.cat_subtree(&dir).unwrap_or_default() {
+                        seen.insert(p);
+                    }
+                    continue;
+                }
+            };
             for ent in rd.flatten() {
                 let name = ent.file_name();
                 let nb = name.as_bytes();
@@ -951,7 +966,10 @@ impl Inner {
                 if self.cfg.filter.as_ref().is_some_and(|f| !f(&rel)) {
                     continue;
                 }
-                match self.scan_one(&rel, &mut report) {
+                let Ok(cname) = CString::new(nb) else {
+                    continue;
+                };
+                match self.scan_one(dir_fd.as_fd(), &cname, &rel, &mut report) {
                     Ok(Some(Kind::Dir)) => {
                         seen.insert(path.clone());
                         stack.push(path);
@@ -1020,10 +1038,16 @@ impl Inner {
         *self.recon.scan.lock() = report;
     }
 
-    /// Scans one object; returns its kind (`None`: not replicated, e.g. a FIFO).
-    fn scan_one(&self, rel: &RelPath, report: &mut ScanReport) -> io::Result<Option<Kind>> {
-        let (dir, name) = open_parent(self.root(), rel, false)?;
-        let st = lstat_at(dir.as_fd(), &name)?;
+    /// Scans one object, `name` in folder `dir` (`rel` from the root); returns its kind
+    /// (`None`: not replicated, e.g. a FIFO).
+    fn scan_one(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        rel: &RelPath,
+        report: &mut ScanReport,
+    ) -> io::Result<Option<Kind>> {
+        let st = lstat_at(dir, name)?;
         let Some(kind) = kind_of(&st) else {
             return Ok(None);
         };
@@ -1044,12 +1068,12 @@ impl Inner {
                     }
                 } else {
                     let file = File::from(openat2_beneath(
-                        dir.as_fd(),
-                        &name,
+                        dir,
+                        name,
                         libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
                         0,
                     )?);
-                    let m = Manifest::from_reader(io::BufReader::with_capacity(256 * 1024, &file))?;
+                    let m = Manifest::from_file(&file, st.st_size as u64)?;
                     let id = self
                         .store
                         .ensure_file_id(Path::new(OsStr::from_bytes(rel.as_bytes())))
@@ -1076,7 +1100,7 @@ impl Inner {
                 now_secs(),
             )?,
             Kind::Symlink => {
-                let target = readlinkat(dir.as_fd(), &name)?;
+                let target = readlinkat(dir, name)?;
                 self.record_local(
                     rel.as_bytes(),
                     Kind::Symlink,
