@@ -100,29 +100,25 @@ impl Manifest {
     /// Chunks a whole file (full re-chunk, O(file)) whose size was last seen as `size_hint`: a
     /// small one in one read and in memory, a larger one as a stream (bounded memory).
     pub fn from_file(file: &File, size_hint: u64) -> io::Result<Self> {
-        if size_hint <= IN_MEMORY_MAX {
-            let mut bytes_read = 0;
-            let reader = RangeReader {
-                file,
-                pos: 0,
-                end: u64::MAX,
-                bytes_read: &mut bytes_read,
-            };
-            // A file that grew past the bound meanwhile is streamed after all.
-            let mut buf = Vec::with_capacity(size_hint as usize + 1);
-            let mut limited = io::Read::take(reader, IN_MEMORY_MAX + 1);
-            io::Read::read_to_end(&mut limited, &mut buf)?;
-            if buf.len() as u64 <= IN_MEMORY_MAX {
-                return Ok(Self::from_chunks(chunk::chunk_slice(&buf)));
-            }
-        }
         let mut bytes_read = 0;
-        let reader = RangeReader {
+        let mut reader = RangeReader {
             file,
             pos: 0,
             end: u64::MAX,
             bytes_read: &mut bytes_read,
         };
+        if size_hint <= IN_MEMORY_MAX {
+            let mut buf = Vec::with_capacity(size_hint as usize + 1);
+            io::Read::read_to_end(
+                &mut io::Read::take(&mut reader, IN_MEMORY_MAX + 1),
+                &mut buf,
+            )?;
+            if buf.len() as u64 <= IN_MEMORY_MAX {
+                return Ok(Self::from_chunks(chunk::chunk_slice(&buf)));
+            }
+            // It grew past the bound meanwhile: streamed from the start after all.
+            reader.pos = 0;
+        }
         Self::from_reader(io::BufReader::with_capacity(256 * 1024, reader))
     }
 

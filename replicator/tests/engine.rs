@@ -81,6 +81,19 @@ fn fixture_with(files: usize) -> Fixture {
 }
 
 impl Fixture {
+    /// The rest of transfer `seq`: `content` as one chunk, then its end.
+    fn send_whole(&self, seq: u64, content: &[u8]) {
+        self.repl.on_message(
+            PEER,
+            ReplMsg::Data {
+                seq,
+                hash: Some(hash_bytes(content)),
+                bytes: ByteBuf(content.to_vec()),
+            },
+        );
+        self.repl.on_message(PEER, ReplMsg::End { seq });
+    }
+
     /// Waits for the ack of `seq` (bounded).
     fn ack(&self, seq: u64) -> AckOutcome {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -131,36 +144,11 @@ fn begin(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
 
 /// A Begin carrying `content` whole (no pieces, no End follow).
 fn begin_inline(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
-    match begin(epoch, seq, p, content) {
-        ReplMsg::Begin {
-            epoch,
-            seq,
-            path,
-            base,
-            size,
-            content_hash,
-            meta,
-            aligned,
-            checked,
-            side,
-            ver,
-            ..
-        } => ReplMsg::Begin {
-            epoch,
-            seq,
-            path,
-            base,
-            size,
-            content_hash,
-            meta,
-            aligned,
-            checked,
-            side,
-            ver,
-            inline: Some(ByteBuf(content.to_vec())),
-        },
-        other => other,
+    let mut m = begin(epoch, seq, p, content);
+    if let ReplMsg::Begin { inline, .. } = &mut m {
+        *inline = Some(ByteBuf(content.to_vec()));
     }
+    m
 }
 
 #[test]
@@ -169,15 +157,7 @@ fn a_well_formed_stream_applies_and_a_corrupt_chunk_changes_nothing() {
     let content = b"hello, replicated world".to_vec();
     f.repl
         .on_message(PEER, begin(1, 0, "dir/new.txt", &content));
-    f.repl.on_message(
-        PEER,
-        ReplMsg::Data {
-            seq: 0,
-            hash: Some(hash_bytes(&content)),
-            bytes: ByteBuf(content.clone()),
-        },
-    );
-    f.repl.on_message(PEER, ReplMsg::End { seq: 0 });
+    f.send_whole(0, &content);
     assert_eq!(f.ack(0), AckOutcome::Applied);
     assert_eq!(
         std::fs::read(f.backing.join("dir/new.txt")).expect("read"),
@@ -241,15 +221,7 @@ fn a_transfer_begun_during_the_start_scan_is_applied() {
         assert!(Instant::now() < deadline, "the scan never ended");
         std::thread::sleep(Duration::from_millis(5));
     }
-    f.repl.on_message(
-        PEER,
-        ReplMsg::Data {
-            seq: 0,
-            hash: Some(hash_bytes(&content)),
-            bytes: ByteBuf(content.clone()),
-        },
-    );
-    f.repl.on_message(PEER, ReplMsg::End { seq: 0 });
+    f.send_whole(0, &content);
     assert_eq!(f.ack(0), AckOutcome::Applied);
     assert_eq!(
         std::fs::read(f.backing.join("during-scan.txt")).expect("read"),

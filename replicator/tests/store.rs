@@ -475,55 +475,21 @@ fn unsent_content_and_meta_coalesce_by_file_and_path() {
 fn coalescing_survives_a_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let f = FileId(7);
+    let enq = |store: &Store, rec| store.enqueue(&PEER_B, rec, ALL_UNSENT).expect("enqueue");
     {
         let store = open(dir.path());
-        assert_eq!(
-            store
-                .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
-                .expect("c"),
-            0
-        );
-        assert_eq!(
-            store
-                .enqueue(&PEER_B, meta_at(f, "a", 1), ALL_UNSENT)
-                .expect("m"),
-            1
-        );
-        assert_eq!(
-            store
-                .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
-                .expect("c"),
-            0
-        );
+        assert_eq!(enq(&store, content_at(f, "a", 10)), 0);
+        assert_eq!(enq(&store, meta_at(f, "a", 1)), 1);
+        assert_eq!(enq(&store, content_at(f, "a", 10)), 0);
         store.flush().expect("flush");
     }
     let store = open(dir.path());
-    assert_eq!(
-        store
-            .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
-            .expect("c"),
-        0
-    );
-    assert_eq!(
-        store
-            .enqueue(&PEER_B, meta_at(f, "a", 1), ALL_UNSENT)
-            .expect("m"),
-        1
-    );
+    assert_eq!(enq(&store, content_at(f, "a", 10)), 0);
+    assert_eq!(enq(&store, meta_at(f, "a", 1)), 1);
     assert_eq!(store.len(&PEER_B).expect("len"), 2);
     assert_eq!(store.ack(&PEER_B, 0).expect("ack"), 1);
-    assert_eq!(
-        store
-            .enqueue(&PEER_B, content_at(f, "a", 10), ALL_UNSENT)
-            .expect("c"),
-        2
-    );
-    assert_eq!(
-        store
-            .enqueue(&PEER_B, meta_at(f, "a", 1), ALL_UNSENT)
-            .expect("m"),
-        1
-    );
+    assert_eq!(enq(&store, content_at(f, "a", 10)), 2);
+    assert_eq!(enq(&store, meta_at(f, "a", 1)), 1);
 }
 
 #[test]
