@@ -205,7 +205,20 @@ def wait_tree(root, names, size, poll, deadline):
         pending.setdefault(d, set()).add(f)
     while True:
         t = time.time()
+        # Only folders that exist are listed (one listing of their parents, not one failed
+        # scandir per missing folder): the poller's own CPU competes with the peers on this
+        # 2-CPU machine (rsync is timed without one).
+        parents = {}
+        for d in pending:
+            parent = os.path.dirname(d)
+            if parent not in parents:
+                try:
+                    parents[parent] = set(os.listdir(os.path.join(root, parent)))
+                except FileNotFoundError:
+                    parents[parent] = set()
         for d in list(pending):
+            if d and os.path.basename(d) not in parents[os.path.dirname(d)]:
+                continue
             want = pending[d]
             try:
                 with os.scandir(os.path.join(root, d)) as it:
