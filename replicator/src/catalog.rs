@@ -7,8 +7,9 @@
 //! ends with the same tree, whatever order they arrive in:
 //!
 //! - identical content is never a conflict (the version vectors merge);
-//! - a version that descends from the other wins (its vector dominates, or the other's content
-//!   hash is in its history: ancestry by hash for peers that lost their index);
+//! - a version that descends from the other wins (its vector dominates, or, where the two
+//!   vectors share no history, the other's content hash is in its history: ancestry by hash
+//!   for trees that met and peers that lost their index);
 //! - concurrent versions both survive: the one with the later (time, origin id, hash) keeps the
 //!   path, the other becomes `NAME (conflict ORIGIN DATE).EXT`, named from *its* version's
 //!   origin and time (never a local clock), so every peer picks the same name;
@@ -210,6 +211,13 @@ pub fn theirs_wins(ours: &EntryState, theirs: &EntryState) -> bool {
 }
 
 /// Decides between this server's state of a path (`None`: never heard of it) and a peer's.
+/// Whether two version vectors have a peer's change in common (some peer counted in both).
+fn share_history(a: &[(PeerId, u64)], b: &[(PeerId, u64)]) -> bool {
+    a.iter()
+        .filter(|(_, c)| *c > 0)
+        .any(|(p, _)| b.iter().any(|(q, d)| q == p && *d > 0))
+}
+
 pub fn decide(ours: Option<&EntryState>, theirs: &EntryState) -> Decision {
     let Some(ours) = ours else {
         return if theirs.kind == Kind::Gone {
@@ -226,16 +234,21 @@ pub fn decide(ours: Option<&EntryState>, theirs: &EntryState) -> Decision {
         Relation::After => return Decision::Stale,
         Relation::Equal | Relation::Concurrent => {}
     }
-    // Vectors say concurrent (e.g. two trees that met with no shared history, whose equal
-    // files never merged their vectors): ancestry by content hash — one's content is in the
-    // other's history (a deletion's history holds what it deleted). The delta base of a
-    // transfer says nothing about ancestry: a sender may know our content as a conflict copy.
+    // Vectors say concurrent. Where they share no history (two trees that met, whose equal
+    // files never merged their vectors), ancestry is judged by content hash: one's content is
+    // in the other's history (a deletion's history holds what it deleted). Where they do share
+    // history they are right: the same content can come back to a name (renamed away, then
+    // back on another peer) concurrently with a version made after it left, and that version
+    // does not descend from its return. The delta base of a transfer says nothing about
+    // ancestry: a sender may know our content as a conflict copy.
     let known = |e: &EntryState| matches!(e.kind, Kind::File | Kind::Symlink);
-    if known(ours) && theirs.ver.history.contains(&ours.hash) {
-        return Decision::Apply;
-    }
-    if known(theirs) && ours.ver.history.contains(&theirs.hash) {
-        return Decision::Stale;
+    if !share_history(&ours.ver.vv, &theirs.ver.vv) {
+        if known(ours) && theirs.ver.history.contains(&ours.hash) {
+            return Decision::Apply;
+        }
+        if known(theirs) && ours.ver.history.contains(&theirs.hash) {
+            return Decision::Stale;
+        }
     }
     // Deletion against an edit: the edit survives, on both sides.
     match (ours.kind == Kind::Gone, theirs.kind == Kind::Gone) {
@@ -319,6 +332,24 @@ mod tests {
         let older = st(Kind::File, 7, &[(2, 1)], 5, 2);
         assert_eq!(decide(Some(&older), &newer), Decision::Apply);
         assert_eq!(decide(Some(&newer), &older), Decision::Stale);
+    }
+
+    /// Content that comes back to a name (renamed away, then back on another peer) is not an
+    /// ancestor of a version made at that name after it left, though that version's history
+    /// names it: the vectors share history and say concurrent, so both are kept.
+    #[test]
+    fn ancestry_by_hash_only_where_vectors_share_no_history() {
+        let mut made_after_it_left = st(Kind::File, 2, &[(1, 3), (2, 4)], 10, 2);
+        made_after_it_left.ver.history = vec![[7; 32]];
+        let came_back = st(Kind::File, 7, &[(1, 3), (3, 4)], 5, 3);
+        assert!(matches!(
+            decide(Some(&came_back), &made_after_it_left),
+            Decision::OursLoses | Decision::TheirsLoses
+        ));
+        assert!(matches!(
+            decide(Some(&made_after_it_left), &came_back),
+            Decision::OursLoses | Decision::TheirsLoses
+        ));
     }
 
     #[test]

@@ -1239,3 +1239,29 @@ fn regression_two_peers_rename_two_names_onto_each_other() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A file written and renamed on one peer, renamed back on another across a cut, then
+/// rewritten on the third: the renamed-back version survives (as the name or a conflict
+/// copy) beside the rewrite.
+#[test]
+fn regression_a_name_renamed_back_across_a_cut_and_rewritten() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(&[
+            Write { peer: 0, file: 2 },
+            Rename {
+                peer: 0,
+                from: 2,
+                to: 1,
+            },
+            Cut { a: 2, b: 1 },
+            Rename {
+                peer: 2,
+                from: 1,
+                to: 2,
+            },
+            Write { peer: 1, file: 2 },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
