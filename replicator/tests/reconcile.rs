@@ -1265,3 +1265,57 @@ fn regression_a_name_renamed_back_across_a_cut_and_rewritten() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// KNOWN BUG, not fixed yet (found by the random model at 8525367, about 1 case in 7,000; this
+/// unshrunk case fails in about 1 run in 5 of its 5 iterations): p0 renames its new `a.txt`
+/// onto `b.txt` while every link is cut; at the reconnection p0's version loses to p1's at
+/// `b.txt`, and p0 then records p1's content there as a new version of its own. That version
+/// loses too, and its conflict copy takes the name of p0's real copy (same origin, same
+/// minute): p0's renamed version is overwritten and lost. Run it with `--ignored`.
+#[test]
+#[ignore = "known bug: a lost version when two losers get one conflict name (see the comment)"]
+fn known_bug_a_received_version_recorded_as_local_takes_a_conflict_copy_name() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(&[
+            Cut { a: 2, b: 1 },
+            Cut { a: 1, b: 0 },
+            Write { peer: 2, file: 0 },
+            Write { peer: 1, file: 0 },
+            Write { peer: 1, file: 1 },
+            Write { peer: 1, file: 1 },
+            Write { peer: 1, file: 0 },
+            Write { peer: 1, file: 2 },
+            Cut { a: 2, b: 0 },
+            // (no-ops as found: their pauses matter to the timing)
+            Rename {
+                peer: 0,
+                from: 3,
+                to: 3,
+            },
+            Rename {
+                peer: 1,
+                from: 0,
+                to: 2,
+            },
+            Cut { a: 1, b: 0 },
+            Cut { a: 0, b: 1 },
+            Write { peer: 0, file: 2 },
+            Delete { peer: 0, file: 0 },
+            Rename {
+                peer: 2,
+                from: 1,
+                to: 2,
+            },
+            Cut { a: 0, b: 1 },
+            Write { peer: 2, file: 1 },
+            Write { peer: 0, file: 0 },
+            Rename {
+                peer: 0,
+                from: 0,
+                to: 1,
+            },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
