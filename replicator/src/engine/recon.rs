@@ -926,27 +926,22 @@ impl Inner {
         let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
         while let Some(dir) = stack.pop() {
             let full = self.cfg.backing.join(OsStr::from_bytes(&dir));
-            let rd = match std::fs::read_dir(&full) {
-                Ok(rd) => rd,
+            // The folder is listed, and opened once for all its entries (the `*at` calls of
+            // each entry's scan are relative to it).
+            let rel = if dir.is_empty() {
+                Some(RelPath::root())
+            } else {
+                path_of_bytes(&dir)
+            };
+            let opened = rel
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+                .and_then(|r| open_dir(self.root(), &r, false))
+                .and_then(|fd| Ok((std::fs::read_dir(&full)?, fd)));
+            let (rd, dir_fd) = match opened {
+                Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(dir = %full.display(), "start scan: cannot read: {e}");
                     // Unreadable: keep what the index says below it.
-                    let prefix = dir.clone();
-                    for (p, _) in self.store.cat_subtree(&prefix).unwrap_or_default() {
-                        seen.insert(p);
-                    }
-                    continue;
-                }
-            };
-            // The folder is opened once for all its entries (each used to open it again).
-            let dir_fd = match path_of_bytes(&dir) {
-                Some(r) if !dir.is_empty() => open_dir(self.root(), &r, false),
-                _ => open_dir(self.root(), &RelPath::root(), false),
-            };
-            let dir_fd = match dir_fd {
-                Ok(fd) => fd,
-                Err(e) => {
-                    tracing::warn!(dir = %full.display(), "start scan: cannot open: {e}");
                     for (p, _) in self.store.cat_subtree(&dir).unwrap_or_default() {
                         seen.insert(p);
                     }
