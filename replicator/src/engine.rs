@@ -1074,21 +1074,6 @@ impl Inner {
             .map_err(ioerr)
     }
 
-    /// The stored manifest of `id` if it still describes the file (same stamp), else a fresh
-    /// full chunking (stored).
-    fn current_manifest(
-        &self,
-        path: &[u8],
-        id: FileId,
-        file: &File,
-        st: &libc::stat,
-    ) -> io::Result<Manifest> {
-        match self.stored_manifest(id, st) {
-            Some(m) => Ok(m),
-            None => self.chunk_local(path, id, file, st, None),
-        }
-    }
-
     /// The manifest stored for `id`, if the file still has the stamp it was stored with.
     fn stored_manifest(&self, id: FileId, st: &libc::stat) -> Option<Manifest> {
         self.store
@@ -1632,6 +1617,8 @@ impl Inner {
             openat2_beneath(dir.as_fd(), &name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
                 .map_err(Stop::Io)?,
         );
+        // What was opened (the name may have been replaced since the lstat).
+        let st = fstat(&file).map_err(Stop::Io)?;
         let id = if id.0 == 0 {
             self.store
                 .ensure_file_id(Path::new(OsStr::from_bytes(current.as_bytes())))
@@ -1639,11 +1626,18 @@ impl Inner {
         } else {
             id
         };
-        let new = self
-            .current_manifest(current.as_bytes(), id, &file, &st)
-            .map_err(Stop::Io)?;
+        // Chunked afresh when the stored manifest no longer describes the file; what that
+        // content is (a version this server knows, or a change made here that the index
+        // missed) is for `content_version` to say, under the apply lock.
+        let (new, fresh) = match self.stored_manifest(id, &st) {
+            Some(m) => (m, false),
+            None => (
+                Manifest::from_file(&file, st.st_size as u64).map_err(Stop::Io)?,
+                true,
+            ),
+        };
         let meta = read_meta(&st, Some(file.as_fd()));
-        let ver = self.content_version(current, &dir, &name, &st, &new)?;
+        let ver = self.content_version(current, id, &dir, &name, &st, &new, fresh)?;
 
         // The version the peer holds: what it acked last, else the version before this one.
         // (Decoded one at a time: a 4 GiB file's manifest is ~25 MB.)
@@ -1780,34 +1774,54 @@ impl Inner {
         Ok(Sent::Record)
     }
 
-    /// The version of content `new` read from the file at `current`. The index says which it
-    /// is; when it names another content, it is read again under the apply lock (a receiver
-    /// may have been halfway through replacing or moving the file): a file that changed
-    /// meanwhile is sent again in a moment; one that did not is a change made here that the
-    /// index missed (e.g. behind the drive's back), recorded now as a local version. Content
-    /// never goes out without its version: a receiver would have to guess.
+    /// The version of content `new` read from the file at `current` (of id `id`; `fresh`: just
+    /// chunked, the stored manifest described another content). The index says which version
+    /// it is; when it names another content, it is looked at again under the apply lock (a
+    /// receiver may have been halfway through replacing or moving the file): a file that
+    /// changed meanwhile is sent again in a moment; one that did not is a change made here that
+    /// the index missed (e.g. behind the drive's back), recorded now as a local version. Only
+    /// then: content a receiver put at the name is the version it received, never one of ours.
+    /// Content never goes out without its version: a receiver would have to guess.
+    #[allow(clippy::too_many_arguments)]
     fn content_version(
         &self,
         current: &RelPath,
+        id: FileId,
         dir: &OwnedFd,
         name: &CStr,
         st: &libc::stat,
         new: &Manifest,
+        fresh: bool,
     ) -> Result<Version, Stop> {
         let matching = || {
             self.entry(current.as_bytes())
                 .filter(|e| e.state.kind == Kind::File && e.state.hash == *new.content_hash())
                 .map(|e| e.state.ver)
         };
-        if let Some(v) = matching() {
-            return Ok(v);
+        if !fresh {
+            if let Some(v) = matching() {
+                return Ok(v);
+            }
         }
         let _applying = self.apply_lock.lock();
+        let unchanged = lstat_at(dir.as_fd(), name).is_ok_and(|now| stamp_of(&now) == stamp_of(st));
+        let ours = || {
+            self.store
+                .file_id(Path::new(OsStr::from_bytes(current.as_bytes())))
+                .ok()
+                .flatten()
+                == Some(id)
+        };
+        if fresh && unchanged && ours() {
+            // The manifest describes the file at this stamp: stored, so the next send (and a
+            // delta against it) needs no chunking.
+            self.record_content(id, new, stamp_of(st))
+                .map_err(Stop::Io)?;
+        }
         if let Some(v) = matching() {
             return Ok(v);
         }
-        let now = lstat_at(dir.as_fd(), name).map_err(|_| Stop::Changed)?;
-        if stamp_of(&now) != stamp_of(st) {
+        if !unchanged {
             return Err(Stop::Changed);
         }
         self.record_local(
