@@ -210,7 +210,6 @@ pub fn theirs_wins(ours: &EntryState, theirs: &EntryState) -> bool {
     (theirs.ver.time, theirs.ver.origin, theirs.hash) > (ours.ver.time, ours.ver.origin, ours.hash)
 }
 
-/// Decides between this server's state of a path (`None`: never heard of it) and a peer's.
 /// Whether two version vectors have a peer's change in common (some peer counted in both).
 fn share_history(a: &[(PeerId, u64)], b: &[(PeerId, u64)]) -> bool {
     a.iter()
@@ -218,6 +217,36 @@ fn share_history(a: &[(PeerId, u64)], b: &[(PeerId, u64)]) -> bool {
         .any(|(p, _)| b.iter().any(|(q, d)| q == p && *d > 0))
 }
 
+/// Whether `new`'s history bears out what its vector says: that it replaced content `old`.
+/// A vector counts a lineage's changes with each server's one clock, so it is only comparable
+/// with versions of the same lineage. A rename carries the moved file's vector to a name where
+/// another file's versions lived: a file written at that name before the rename's counters, but
+/// never seen by the renamer, would look like its ancestor. A real ancestor's content is in the
+/// history (every new version of content pushes the content it replaced); a full history may
+/// have lost it, and then the vector is trusted. Only contents are checked (folders and
+/// tombstones have no content to name).
+fn vouched(old: &EntryState, new: &EntryState) -> bool {
+    let content = |e: &EntryState| matches!(e.kind, Kind::File | Kind::Symlink);
+    !(content(old) && content(new))
+        || new.ver.history.contains(&old.hash)
+        || new.ver.history.len() >= MAX_HISTORY
+}
+
+/// Whether a rename (of version `v`) onto a name knew what this server holds there (`e`):
+/// the renamer replaced that content (it is in the rename's history), or, for a folder, its
+/// vector covers it. The rename's vector belongs to the file it moved (see [`vouched`]).
+pub fn replaced_knowingly(e: &EntryState, v: &Version) -> bool {
+    match e.kind {
+        Kind::Gone => true,
+        Kind::File | Kind::Symlink => {
+            v.history.contains(&e.hash)
+                || (v.history.len() >= MAX_HISTORY && dominated(&e.ver.vv, &v.vv))
+        }
+        Kind::Dir => dominated(&e.ver.vv, &v.vv),
+    }
+}
+
+/// Decides between this server's state of a path (`None`: never heard of it) and a peer's.
 pub fn decide(ours: Option<&EntryState>, theirs: &EntryState) -> Decision {
     let Some(ours) = ours else {
         return if theirs.kind == Kind::Gone {
@@ -230,9 +259,9 @@ pub fn decide(ours: Option<&EntryState>, theirs: &EntryState) -> Decision {
         return Decision::Same;
     }
     match relate(&ours.ver.vv, &theirs.ver.vv) {
-        Relation::Before => return Decision::Apply,
-        Relation::After => return Decision::Stale,
-        Relation::Equal | Relation::Concurrent => {}
+        Relation::Before if vouched(ours, theirs) => return Decision::Apply,
+        Relation::After if vouched(theirs, ours) => return Decision::Stale,
+        _ => {}
     }
     // Vectors say concurrent. Where they share no history (two trees that met, whose equal
     // files never merged their vectors), ancestry is judged by content hash: one's content is
@@ -305,7 +334,8 @@ mod tests {
         assert_eq!(decide(Some(&a), &b), Decision::OursLoses);
         assert_eq!(decide(Some(&b), &a), Decision::TheirsLoses);
         // Descends.
-        let a2 = st(Kind::File, 3, &[(1, 3)], 50, 1);
+        let mut a2 = st(Kind::File, 3, &[(1, 3)], 50, 1);
+        a2.ver.history = vec![[1; 32]];
         assert_eq!(decide(Some(&a), &a2), Decision::Apply);
         assert_eq!(decide(Some(&a2), &a), Decision::Stale);
         // Same content.
@@ -350,6 +380,35 @@ mod tests {
             decide(Some(&made_after_it_left), &came_back),
             Decision::OursLoses | Decision::TheirsLoses
         ));
+    }
+
+    /// A rename carries the moved file's vector to the new name. A file written at that name
+    /// by a peer the renamer never heard from has lower counters of that peer's one clock, but
+    /// is no ancestor: its content is not in the rename's history, so both are kept.
+    #[test]
+    fn a_vector_whose_history_does_not_bear_it_out_is_concurrent() {
+        // p1 wrote e.txt at its clock 1, then b.txt at 2; p2 renamed b.txt onto e.txt unaware.
+        let written = st(Kind::File, 42, &[(1, 1)], 10, 1);
+        let mut renamed = st(Kind::File, 24, &[(1, 2), (2, 3)], 20, 2);
+        renamed.ver.history = vec![[24; 32], [11; 32]];
+        assert_eq!(decide(Some(&written), &renamed), Decision::OursLoses);
+        assert_eq!(decide(Some(&renamed), &written), Decision::TheirsLoses);
+        assert!(!replaced_knowingly(&written, &renamed.ver));
+        // The renamer replaced that content: it names it, and the rename wins.
+        renamed.ver.history.push([42; 32]);
+        assert_eq!(decide(Some(&written), &renamed), Decision::Apply);
+        assert_eq!(decide(Some(&renamed), &written), Decision::Stale);
+        assert!(replaced_knowingly(&written, &renamed.ver));
+        // A full history may have dropped an ancestor: the vector is trusted then.
+        let mut long = st(Kind::File, 9, &[(1, 9)], 30, 1);
+        long.ver.history = (100..100 + MAX_HISTORY as u8).map(|h| [h; 32]).collect();
+        assert_eq!(decide(Some(&written), &long), Decision::Apply);
+        assert_eq!(decide(Some(&long), &written), Decision::Stale);
+        // Folders and tombstones have no content: their vectors decide.
+        let dir = st(Kind::Dir, 0, &[(1, 1)], 10, 1);
+        assert!(replaced_knowingly(&dir, &renamed.ver));
+        let gone = st(Kind::Gone, 0, &[(1, 2), (2, 3)], 20, 2);
+        assert_eq!(decide(Some(&written), &gone), Decision::Apply);
     }
 
     #[test]

@@ -3878,7 +3878,11 @@ impl Inner {
                 let mut dst = lstat_at(ddir.as_fd(), &dname).ok();
                 if let Some(d) = &dst {
                     let same = d.st_ino == sst.st_ino && d.st_dev == sst.st_dev;
-                    if !same && self.unknown_to(to, ver) {
+                    let knew = match (ver, self.entry(to.as_bytes())) {
+                        (Some(v), Some(e)) => crate::catalog::replaced_knowingly(&e.state, v),
+                        _ => true,
+                    };
+                    if !same && !knew {
                         // The object the rename replaces there has changes the renamer did not
                         // know: keep them as a conflict copy.
                         self.set_aside(ddir.as_fd(), &dname, to)?;

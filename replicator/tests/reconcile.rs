@@ -1320,3 +1320,25 @@ fn regression_a_received_version_is_not_recorded_as_local() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A name written on one side of a cut and renamed onto on the other, while the third peer
+/// relays.
+#[test]
+fn regression_rename_onto_a_name_written_across_a_cut_while_relayed() {
+    use Step::*;
+    for _ in 0..10 {
+        run_model(&[
+            Cut { a: 0, b: 2 },
+            Write { peer: 1, file: 2 },
+            Write { peer: 0, file: 3 },
+            Write { peer: 0, file: 1 },
+            Write { peer: 1, file: 1 },
+            Rename {
+                peer: 2,
+                from: 1,
+                to: 3,
+            },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -71,7 +71,7 @@ impl Inner {
         let clock = self.store.next_clock().map_err(ioerr)?;
         let vv = bump(old.map_or(&[][..], |o| &o.ver.vv[..]), self.cfg.me, clock);
         let history = match old {
-            Some(o) if o.kind == Kind::File && o.hash != *hash => {
+            Some(o) if matches!(o.kind, Kind::File | Kind::Symlink) && o.hash != *hash => {
                 push_history(&o.ver.history, o.hash)
             }
             Some(o) => o.ver.history.clone(),
