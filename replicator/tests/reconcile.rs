@@ -1342,3 +1342,47 @@ fn regression_rename_onto_a_name_written_across_a_cut_while_relayed() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A save that empties the name before renaming its new file in (Word: the original to a
+/// backup name, the new file onto the name, the backup deleted) replaced the original
+/// knowingly: a peer that still holds the original, and decides by versions alone, takes
+/// the saved file without a conflict copy. The rename names the original in its history,
+/// from the tombstone it found at the name (a rename's vector is the new file's, see
+/// `catalog::decide`).
+#[test]
+fn a_save_that_empties_the_name_first_descends_from_the_original() {
+    let c = Cluster::new(2, |_| Vec::<(&str, Vec<u8>)>::new());
+    c.connect_all();
+    c.write(0, "doc.txt", b"original");
+    c.settle().unwrap_or_else(|e| panic!("{e}"));
+    let entry = |i: usize| {
+        c.nodes[i]
+            .repl
+            .index_entries()
+            .into_iter()
+            .find(|(p, _)| p.as_slice() == b"doc.txt")
+            .map(|(_, e)| e)
+            .expect("doc.txt indexed")
+    };
+    let held = entry(1);
+    c.disconnect(0, 1);
+    c.write(0, "~tmp0001.tmp", b"saved");
+    c.rename(0, "doc.txt", "~wrl0001.tmp");
+    c.rename(0, "~tmp0001.tmp", "doc.txt");
+    c.remove(0, "~wrl0001.tmp");
+    let saved = entry(0);
+    assert_eq!(
+        peerfs_replicator::catalog::decide(Some(&held), &saved),
+        peerfs_replicator::catalog::Decision::Apply
+    );
+    assert_eq!(
+        peerfs_replicator::catalog::decide(Some(&saved), &held),
+        peerfs_replicator::catalog::Decision::Stale
+    );
+    c.connect_all();
+    let t = c.settle().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        t.into_iter().collect::<Vec<_>>(),
+        vec![("doc.txt".to_string(), b"saved".to_vec())]
+    );
+}

@@ -304,12 +304,16 @@ impl Inner {
         } else {
             top.state.ver.history.clone()
         };
-        if let Some(o) = old_to
-            .as_ref()
-            .filter(|o| matches!(o.state.kind, Kind::File | Kind::Symlink))
-        {
-            if !history.contains(&o.state.hash) {
-                history.insert(history.len().min(1), o.state.hash);
+        // A name emptied just before (a save that moved or deleted the original first, then
+        // renamed its new file in): the content last there, which its tombstone names first.
+        let replaced = old_to.as_ref().and_then(|o| match o.state.kind {
+            Kind::File | Kind::Symlink => Some(o.state.hash),
+            Kind::Gone => o.state.ver.history.first().copied(),
+            Kind::Dir => None,
+        });
+        if let Some(h) = replaced {
+            if !history.contains(&h) {
+                history.insert(history.len().min(1), h);
                 history.truncate(peerfs_proto::msg::MAX_HISTORY);
             }
         }
