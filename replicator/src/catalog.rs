@@ -246,6 +246,16 @@ pub fn replaced_knowingly(e: &EntryState, v: &Version) -> bool {
     }
 }
 
+/// Whether a rename (of version `v`) moved away what this server holds at its source (`e`):
+/// only if its vector covers it. The same content with a vector it does not cover is another
+/// lineage that came to the name its own way (e.g. the same file renamed onto that name
+/// elsewhere, concurrently): moving it too would leave, on every peer, a tombstone covering
+/// both, and the two crossing renames would delete the file from both names. It stays (at
+/// worst a duplicate under the other name).
+pub fn moved_knowingly(e: &EntryState, v: &Version) -> bool {
+    e.kind == Kind::Gone || dominated(&e.ver.vv, &v.vv)
+}
+
 /// Decides between this server's state of a path (`None`: never heard of it) and a peer's.
 pub fn decide(ours: Option<&EntryState>, theirs: &EntryState) -> Decision {
     let Some(ours) = ours else {

@@ -2841,7 +2841,7 @@ impl Inner {
         } else {
             Decision::TheirsLoses
         };
-        tracing::debug!(me = %self.cfg.me_name, peer = %p.name, path = %path, ?decision, unrecorded, base = ?base.map(|b| b[0]), have = ?have_hash.map(|h| h[0]), theirs = ?content_hash[0], "replication: incoming version");
+        tracing::debug!(me = %self.cfg.me_name, peer = %p.name, path = %path, ?decision, unrecorded, base = ?base.map(|b| b[0]), have = ?have_hash.map(|h| h[0]), theirs = ?content_hash[0], ours_vv = ?ours.as_ref().map(|o| (o.kind, o.ver.vv.iter().map(|(p, c)| (p.0[0], *c)).collect::<Vec<_>>())), theirs_vv = ?theirs.ver.vv.iter().map(|(p, c)| (p.0[0], *c)).collect::<Vec<_>>(), "replication: incoming version");
         // Metadata only until a mode is chosen below; the receiver's file is the base.
         let mut t = Transfer {
             seq,
@@ -3635,7 +3635,7 @@ impl Inner {
                 for (sp, e) in &gone_items {
                     self.tomb_entries(sp, std::slice::from_ref(&(sp.clone(), e.clone())), &tomb)?;
                 }
-                tracing::info!(path = %path, kept = kept.len(), "replication: a removal from a peer keeps what changed here meanwhile");
+                tracing::info!(me = %self.cfg.me_name, path = %path, kept = kept.len(), tomb = ?ver.map(|v| v.vv.iter().map(|(p, c)| (p.0[0], *c)).collect::<Vec<_>>()), "replication: a removal from a peer keeps what changed here meanwhile");
                 for k in &kept {
                     if let Some(e) = self.entry(k) {
                         let _ = self.push_entry(i, k, &e, false);
@@ -3867,9 +3867,13 @@ impl Inner {
                     // brings it up to date either way.
                     return Ok(AckOutcome::NeedContent { path: to.clone() });
                 };
-                if self.unknown_to(from, ver) {
-                    // Changed here meanwhile: our version stays at `from` (and goes back to
-                    // the sender); `to` gets the sender's content.
+                let knew = match (ver, self.entry(from.as_bytes())) {
+                    (Some(v), Some(e)) => crate::catalog::moved_knowingly(&e.state, v),
+                    _ => true,
+                };
+                if !knew {
+                    // Changed here meanwhile (or came here another way): our version stays at
+                    // `from` (and goes back to the sender); `to` gets the sender's content.
                     tracing::info!(from = %from, to = %to, "replication: a rename from a peer keeps the version changed here meanwhile");
                     self.push_back(p, from);
                     return Ok(AckOutcome::NeedContent { path: to.clone() });

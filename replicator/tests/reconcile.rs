@@ -1386,3 +1386,52 @@ fn a_save_that_empties_the_name_first_descends_from_the_original() {
         vec![("doc.txt".to_string(), b"saved".to_vec())]
     );
 }
+
+/// Two renames crossing: p2 renames `d/c.txt` to `a.txt` (p1 receives it as `a.txt`, and
+/// renames it back onto `d/c.txt`), while the cut-off p0 renames its `d/c.txt` to `a.txt`.
+/// Each peer applying the other side's rename took the same content, with another vector, for
+/// what the rename moved away; the tombstones it left covered both vectors, and the file was
+/// deleted from both names everywhere. Found by the random model (unshrunk), fails at 35eeca5
+/// too. A rename moves only what its vector covers; the file may end under both names.
+#[test]
+fn regression_crossing_renames_of_one_content_keep_it() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(&[
+            Cut { a: 1, b: 0 },
+            Write { peer: 0, file: 2 },
+            Cut { a: 0, b: 2 },
+            Write { peer: 1, file: 3 },
+            Rename {
+                peer: 0,
+                from: 3,
+                to: 1,
+            },
+            Rename {
+                peer: 0,
+                from: 2,
+                to: 0,
+            },
+            Write { peer: 0, file: 1 },
+            Delete { peer: 1, file: 1 },
+            Write { peer: 1, file: 3 },
+            Delete { peer: 2, file: 1 },
+            Rename {
+                peer: 2,
+                from: 2,
+                to: 0,
+            },
+            Join { a: 1, b: 2 },
+            Write { peer: 1, file: 2 },
+            Delete { peer: 1, file: 3 },
+            Join { a: 2, b: 1 },
+            Rename {
+                peer: 1,
+                from: 0,
+                to: 2,
+            },
+            Cut { a: 2, b: 0 },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
