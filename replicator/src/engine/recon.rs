@@ -38,9 +38,14 @@ use super::*;
 use crate::catalog::{bucket_hash, decide, leaf_digest, max_clock, xor};
 use crate::store::CatEntry;
 
-/// Comparison rounds per connection that may queue something before giving up (a path that
-/// keeps differing is reported instead of looping).
+/// Comparison rounds in a row that may queue something before the comparison pauses (a path
+/// that keeps differing is reported instead of looping).
 const MAX_ROUNDS: u64 = 8;
+/// How long the first pause lasts; each further pause on the connection doubles it, up to
+/// [`PAUSE_MAX`]. Differences can take more rounds than that to settle without any loop
+/// (three peers passing one change around), and must not wait for the next reconnection.
+const PAUSE_FIRST: Duration = Duration::from_secs(4);
+const PAUSE_MAX: Duration = Duration::from_secs(300);
 /// A round counts as over when no message of it arrived for this long.
 const ROUND_QUIET: Duration = Duration::from_millis(300);
 /// Conflicts kept for `status`.
@@ -122,6 +127,10 @@ pub(super) struct PeerRecon {
     rounds: u64,
     /// Rounds run since the digests last agreed (bounded by `MAX_ROUNDS`).
     streak: u64,
+    /// Paused after `MAX_ROUNDS` rounds: comparing again from then.
+    resume_at: Option<Instant>,
+    /// Pauses since the digests last agreed.
+    pauses: u32,
     /// Listings (folder, bucket) sent or received in this round: each is compared once.
     lists_sent: HashSet<(Vec<u8>, Bucket)>,
     haves_sent: HashSet<Vec<u8>>,
@@ -498,6 +507,8 @@ impl Inner {
             st.recon.in_sync = true;
             st.recon.comparing = false;
             st.recon.streak = 0;
+            st.recon.pauses = 0;
+            st.recon.resume_at = None;
             drop(st);
             if !reply {
                 // Tell it we agree (it may have compared before its queue drained).
@@ -507,16 +518,34 @@ impl Inner {
         }
         st.recon.in_sync = false;
         if st.recon.streak >= MAX_ROUNDS {
-            if st.recon.comparing {
-                st.recon.comparing = false;
-                let msg = format!(
-                    "reconciliation with {} did not converge after {MAX_ROUNDS} rounds",
-                    p.name
-                );
-                tracing::error!("{msg}");
-                st.last_error = Some(msg);
+            let now = Instant::now();
+            match st.recon.resume_at {
+                Some(t) if now >= t => {
+                    st.recon.streak = 0;
+                    st.recon.resume_at = None;
+                }
+                Some(_) => return Ok(()),
+                None => {
+                    let pause = PAUSE_FIRST
+                        .saturating_mul(1 << st.recon.pauses.min(16))
+                        .min(PAUSE_MAX);
+                    st.recon.pauses += 1;
+                    st.recon.resume_at = Some(now + pause);
+                    // Our summary then starts the next rounds (the peer answers with its own).
+                    st.recon.summary_due = Some(now + pause);
+                    st.recon.comparing = false;
+                    let msg = format!(
+                        "reconciliation with {} did not converge after {MAX_ROUNDS} rounds; comparing again in {} s",
+                        p.name,
+                        pause.as_secs()
+                    );
+                    tracing::error!("{msg}");
+                    st.last_error = Some(msg);
+                    drop(st);
+                    p.wake.notify_all();
+                    return Ok(());
+                }
             }
-            return Ok(());
         }
         st.recon.rounds += 1;
         st.recon.streak += 1;
