@@ -3635,7 +3635,7 @@ impl Inner {
                 for (sp, e) in &gone_items {
                     self.tomb_entries(sp, std::slice::from_ref(&(sp.clone(), e.clone())), &tomb)?;
                 }
-                tracing::info!(me = %self.cfg.me_name, path = %path, kept = kept.len(), tomb = ?ver.map(|v| v.vv.iter().map(|(p, c)| (p.0[0], *c)).collect::<Vec<_>>()), "replication: a removal from a peer keeps what changed here meanwhile");
+                tracing::info!(path = %path, kept = kept.len(), "replication: a removal from a peer keeps what changed here meanwhile");
                 for k in &kept {
                     if let Some(e) = self.entry(k) {
                         let _ = self.push_entry(i, k, &e, false);
