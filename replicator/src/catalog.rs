@@ -233,15 +233,14 @@ fn vouched(old: &EntryState, new: &EntryState) -> bool {
 }
 
 /// Whether a rename (of version `v`) onto a name knew what this server holds there (`e`):
-/// the renamer replaced that content (it is in the rename's history), or, for a folder, its
-/// vector covers it. The rename's vector belongs to the file it moved (see [`vouched`]).
+/// the renamer replaced that content (it is in the rename's history: second, after the
+/// content moved, so never cut from a full one), or, for a folder, its vector covers it. The
+/// rename's vector belongs to the file it moved (see [`vouched`]), so it says nothing about a
+/// file at the target.
 pub fn replaced_knowingly(e: &EntryState, v: &Version) -> bool {
     match e.kind {
         Kind::Gone => true,
-        Kind::File | Kind::Symlink => {
-            v.history.contains(&e.hash)
-                || (v.history.len() >= MAX_HISTORY && dominated(&e.ver.vv, &v.vv))
-        }
+        Kind::File | Kind::Symlink => v.history.contains(&e.hash),
         Kind::Dir => dominated(&e.ver.vv, &v.vv),
     }
 }
@@ -414,6 +413,8 @@ mod tests {
         long.ver.history = (100..100 + MAX_HISTORY as u8).map(|h| [h; 32]).collect();
         assert_eq!(decide(Some(&written), &long), Decision::Apply);
         assert_eq!(decide(Some(&long), &written), Decision::Stale);
+        // ... but not by a rename onto the name: what it replaced is always in its history.
+        assert!(!replaced_knowingly(&written, &long.ver));
         // Folders and tombstones have no content: their vectors decide.
         let dir = st(Kind::Dir, 0, &[(1, 1)], 10, 1);
         assert!(replaced_knowingly(&dir, &renamed.ver));
