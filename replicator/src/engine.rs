@@ -2667,34 +2667,46 @@ impl Inner {
     }
 
     /// What the receiver holds at `path`, which the caller found as `st` (`None`: nothing):
-    /// the open regular file and its manifest.
+    /// the open regular file and its manifest. The caller holds the apply lock (`applying`);
+    /// a file that must be read whole (its stamp is not the one its stored manifest has) is
+    /// read without it, so a large file changed behind the drive's back holds neither other
+    /// applies nor the drive's write opens back meanwhile. If the name no longer has that
+    /// stamp afterwards, the transfer is refused (the sender retries).
     fn have(
         &self,
         dir: BorrowedFd<'_>,
         name: &CStr,
         path: &RelPath,
         st: Option<&libc::stat>,
-    ) -> io::Result<Option<(File, Manifest)>> {
+        applying: &mut parking_lot::MutexGuard<'_, ()>,
+    ) -> Result<Option<(File, Manifest)>, AckOutcome> {
         let Some(st) = st.filter(|st| is_kind(st, libc::S_IFREG)) else {
             return Ok(None);
         };
-        let file = File::from(openat2_beneath(
-            dir,
-            name,
-            libc::O_RDONLY | libc::O_NOFOLLOW,
-            0,
-        )?);
+        let file = File::from(
+            openat2_beneath(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                .map_err(|e| failed(&e))?,
+        );
         let id = self
             .store
             .ensure_file_id(Path::new(OsStr::from_bytes(path.as_bytes())))
-            .map_err(ioerr)?;
+            .map_err(|e| failed(&ioerr(e)))?;
         // Read only: a content the index does not have is a local change not reported yet
         // (or another apply half done); the decision treats it as such, and it is not
         // recorded as a version from here.
-        let m = match self.stored_manifest(id, st) {
-            Some(m) => m,
-            None => Manifest::from_file(&file, st.st_size as u64)?,
-        };
+        if let Some(m) = self.stored_manifest(id, st) {
+            return Ok(Some((file, m)));
+        }
+        let m = parking_lot::MutexGuard::unlocked(applying, || {
+            Manifest::from_file(&file, st.st_size as u64)
+        })
+        .map_err(|e| failed(&e))?;
+        if lstat_at(dir, name).map(|now| stamp_of(&now)).ok() != Some(stamp_of(st)) {
+            return Err(AckOutcome::Failed {
+                error: format!("{path} changed here during the transfer"),
+                retry: true,
+            });
+        }
         Ok(Some((file, m)))
     }
 
@@ -2813,15 +2825,13 @@ impl Inner {
         // The decision reads a state no other apply is halfway through changing, from one
         // look at the name: the same look is what the commit finds unchanged (`seen`) before
         // it replaces anything, so whatever appears after it sends the transfer back.
-        let applying = self.apply_lock.lock();
+        let mut applying = self.apply_lock.lock();
         let st = match lstat_at(dir.as_fd(), &name) {
             Ok(st) => Some(st),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
             Err(e) => return Err(failed(&e)),
         };
-        let have = self
-            .have(dir.as_fd(), &name, &path, st.as_ref())
-            .map_err(|e| failed(&e))?;
+        let have = self.have(dir.as_fd(), &name, &path, st.as_ref(), &mut applying)?;
         let have_hash = have.as_ref().map(|(_, m)| *m.content_hash());
         let theirs = EntryState {
             kind: Kind::File,
