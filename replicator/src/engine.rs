@@ -2535,10 +2535,7 @@ impl Inner {
     ) -> Option<AckOutcome> {
         let now = lstat_at(dir, name).ok().map(|st| stamp_of(&st));
         if now != seen {
-            return Some(AckOutcome::Failed {
-                error: format!("{path} changed here during the transfer"),
-                retry: true,
-            });
+            return Some(changed_here(path));
         }
         if self.applied().is_some_and(|a| a.writing(path)) {
             return Some(AckOutcome::Failed {
@@ -2702,10 +2699,7 @@ impl Inner {
         })
         .map_err(|e| failed(&e))?;
         if lstat_at(dir, name).map(|now| stamp_of(&now)).ok() != Some(stamp_of(st)) {
-            return Err(AckOutcome::Failed {
-                error: format!("{path} changed here during the transfer"),
-                retry: true,
-            });
+            return Err(changed_here(path));
         }
         Ok(Some((file, m)))
     }
@@ -3554,9 +3548,21 @@ impl Inner {
 
     /// Whether our entry at `path` holds a version the incoming `ver` does not know.
     fn unknown_to(&self, path: &RelPath, ver: Option<&Version>) -> bool {
-        let Some(v) = ver else { return false };
-        self.entry(path.as_bytes())
-            .is_some_and(|e| crate::catalog::unknown_to(&e.state, v))
+        !self.known_to(path, ver, |e, v| !crate::catalog::unknown_to(e, v))
+    }
+
+    /// Whether the incoming `ver` knew our entry at `path`, by `rule` (an operation without a
+    /// version, or a path without an entry: it did).
+    fn known_to(
+        &self,
+        path: &RelPath,
+        ver: Option<&Version>,
+        rule: fn(&EntryState, &Version) -> bool,
+    ) -> bool {
+        match (ver, self.entry(path.as_bytes())) {
+            (Some(v), Some(e)) => rule(&e.state, v),
+            _ => true,
+        }
     }
 
     fn apply_op_io(&self, p: &Peer, op: &NsOp, ver: Option<&Version>) -> io::Result<AckOutcome> {
@@ -3877,11 +3883,7 @@ impl Inner {
                     // brings it up to date either way.
                     return Ok(AckOutcome::NeedContent { path: to.clone() });
                 };
-                let knew = match (ver, self.entry(from.as_bytes())) {
-                    (Some(v), Some(e)) => crate::catalog::moved_knowingly(&e.state, v),
-                    _ => true,
-                };
-                if !knew {
+                if !self.known_to(from, ver, crate::catalog::moved_knowingly) {
                     // Changed here meanwhile (or came here another way): our version stays at
                     // `from` (and goes back to the sender); `to` gets the sender's content.
                     tracing::info!(from = %from, to = %to, "replication: a rename from a peer keeps the version changed here meanwhile");
@@ -3892,11 +3894,7 @@ impl Inner {
                 let mut dst = lstat_at(ddir.as_fd(), &dname).ok();
                 if let Some(d) = &dst {
                     let same = d.st_ino == sst.st_ino && d.st_dev == sst.st_dev;
-                    let knew = match (ver, self.entry(to.as_bytes())) {
-                        (Some(v), Some(e)) => crate::catalog::replaced_knowingly(&e.state, v),
-                        _ => true,
-                    };
-                    if !same && !knew {
+                    if !same && !self.known_to(to, ver, crate::catalog::replaced_knowingly) {
                         // The object the rename replaces there has changes the renamer did not
                         // know: keep them as a conflict copy.
                         self.set_aside(ddir.as_fd(), &dname, to)?;
@@ -4412,6 +4410,15 @@ const TRIM_CHUNKS: usize = 16 * 1024;
 
 fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+/// The refusal of a transfer whose target changed here after the decision (the sender retries,
+/// and the next decision sees the change).
+fn changed_here(path: &RelPath) -> AckOutcome {
+    AckOutcome::Failed {
+        error: format!("{path} changed here during the transfer"),
+        retry: true,
+    }
 }
 
 fn failed(e: &io::Error) -> AckOutcome {
