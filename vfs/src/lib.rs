@@ -701,13 +701,30 @@ impl Vfs {
         };
         let fnode = self.known_dir(&fp);
         let tnode = self.known_dir(&tp);
-        match (fnode, tnode) {
-            (Some(a), Some(b)) => self.nodes.write().renamed(a, fname, b, tname, false),
-            (Some(a), None) => self.nodes.write().unlinked(a, fname),
-            (None, Some(b)) => self.nodes.write().unlinked(b, tname),
-            (None, None) => {}
-        }
+        let displaced = {
+            let mut nodes = self.nodes.write();
+            let moved = fnode.and_then(|a| nodes.child(a, fname));
+            // The file the rename replaced keeps serving its open handles only: a name the
+            // kernel cached before the rename must not reach it (an open through it would
+            // write to a file no name holds any more, and take no lock: it has no path).
+            let displaced = tnode
+                .and_then(|b| nodes.child(b, tname))
+                .filter(|d| Some(*d) != moved);
+            if let Some(d) = displaced {
+                nodes.mark_replaced(d);
+            }
+            match (fnode, tnode) {
+                (Some(a), Some(b)) => nodes.renamed(a, fname, b, tname, false),
+                (Some(a), None) => nodes.unlinked(a, fname),
+                (None, Some(b)) => nodes.unlinked(b, tname),
+                (None, None) => {}
+            }
+            displaced
+        };
         if let Some(inv) = self.invalidator.get() {
+            if let Some(d) = displaced {
+                inv.inode(d);
+            }
             if let Some(a) = fnode {
                 inv.entry(a, fname);
                 inv.inode(a);

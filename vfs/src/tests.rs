@@ -460,3 +460,43 @@ fn only_lockable_names_may_wait_for_peers() {
         "a nameless (unlinked) file has no lock"
     );
 }
+
+/// A peer's save renamed its temp file over a document this drive's kernel had looked up. An
+/// open through the name the kernel still caches must not reach the replaced file: that file
+/// has no name any more, so the open would take no lock, and its writes would go to a file
+/// the replicator just moved to the trash. ESTALE sends the kernel to look the name up again.
+#[test]
+fn a_file_a_peers_rename_replaced_refuses_opens_through_its_old_name() {
+    for temp_known in [false, true] {
+        let (dir, vfs, locks) = locked_drive();
+        std::fs::write(dir.path().join("doc.docx"), b"old").expect("write");
+        std::fs::write(dir.path().join("~tmp1.tmp"), b"new").expect("write");
+        let doc = vfs.lookup(ROOT, OsStr::new("doc.docx")).expect("lookup");
+        if temp_known {
+            vfs.lookup(ROOT, OsStr::new("~tmp1.tmp")).expect("lookup");
+        }
+        // What the replicator does when it applies the peer's rename.
+        std::fs::rename(dir.path().join("~tmp1.tmp"), dir.path().join("doc.docx")).expect("rename");
+        let from = RelPath::new(b"~tmp1.tmp").expect("path");
+        let to = RelPath::new(b"doc.docx").expect("path");
+        vfs.remote_renamed(&from, &to);
+
+        locks.held.lock().push("doc.docx".into());
+        let r = vfs.open(doc.ino, libc::O_RDWR, false);
+        assert!(
+            matches!(r, Err(VfsError::Os(Errno(libc::ESTALE)))),
+            "temp known: {temp_known}: {:?}",
+            r.map(|o| o.fh)
+        );
+        assert!(
+            locks.log.lock().is_empty(),
+            "the refused open asked for no lock"
+        );
+        // The kernel looks the name up again: the new file, and the peer's lock applies.
+        let now = vfs.lookup(ROOT, OsStr::new("doc.docx")).expect("lookup");
+        assert!(is_locked(vfs.open(now.ino, libc::O_RDWR, false)));
+        let ro = vfs.open(now.ino, libc::O_RDONLY, false).expect("read");
+        assert_eq!(vfs.read(ro.fh, 0, 16).expect("read"), b"new");
+        vfs.release(ro.fh).expect("release");
+    }
+}
