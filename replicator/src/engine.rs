@@ -2559,7 +2559,7 @@ impl Inner {
         let ok = outcome == AckOutcome::Applied;
         if ok {
             p.counters.records_applied.fetch_add(1, Ordering::Relaxed);
-            self.compare_when_quiet(p);
+            self.compare_all_when_quiet();
         }
         if !self.transport.send(
             p.id,

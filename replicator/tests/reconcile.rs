@@ -568,6 +568,34 @@ fn concurrent_edits_keep_both_under_the_same_names_everywhere() {
     assert!(noted >= 1);
 }
 
+/// A mesh with one link down: p1 and p2 list each other, but their link is cut (a WAN link
+/// between two offices, both still reaching the third). p2's edit reaches p0, which relays
+/// nothing to p1 (p1 and p2 exchange directly, as far as p0 knows); p0's comparison with p1
+/// brings it across. Before, p0 compared only with the edit's sender, and p1 kept the old
+/// version, its link to p0 reading "in-sync", until its link to p2 came back.
+#[test]
+fn a_change_reaches_a_peer_whose_link_to_its_origin_is_down() {
+    let c = Cluster::new(3, |_| vec![("doc.txt", b"v0".to_vec())]);
+    c.connect_all();
+    c.settle().unwrap_or_else(|e| panic!("{e}"));
+    c.disconnect(1, 2);
+    c.write(2, "doc.txt", b"edit on 2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.tree(1).get("doc.txt").map(Vec::as_slice) != Some(&b"edit on 2"[..]) {
+        assert!(
+            Instant::now() < deadline,
+            "p1 did not get p2's edit through p0: p0 {:?}, p1 {:?}",
+            c.tree(0),
+            c.tree(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(c.tree(0), c.tree(1));
+    c.connect(1, 2);
+    let t = c.settle().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(t.len(), 1, "no conflict copy: {:?}", t.keys());
+}
+
 #[test]
 fn an_edit_survives_a_concurrent_delete_and_a_delete_is_not_undone() {
     let c = Cluster::new(2, |_| {

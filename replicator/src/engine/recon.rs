@@ -205,6 +205,24 @@ impl Inner {
         p.wake.notify_all();
     }
 
+    /// Something from a peer changed this tree: compare with every connected peer once
+    /// things are quiet, not only with that one. Replication does not always carry the
+    /// change on: a version that came back from a comparison, or as the answer to a stale
+    /// record, was nothing new to its sender, so it sends it to no one else, and a peer that
+    /// shares a link with the sender relays nothing (the sender would). Without this a third
+    /// peer that agreed with both earlier keeps its old version, and both links still read
+    /// "in-sync".
+    pub(super) fn compare_all_when_quiet(&self) {
+        for p in &self.peers {
+            let mut st = p.state.lock();
+            if st.connected {
+                st.recon.compare_soon();
+                drop(st);
+                p.wake.notify_all();
+            }
+        }
+    }
+
     fn send_summary(&self, p: &Peer, reply: bool) {
         let sum = self.store.dir_sum(b"").unwrap_or_default();
         let configured = self.cfg.peers.iter().map(|(id, _)| *id).collect();
