@@ -715,7 +715,15 @@ impl Vfs {
             }
             match (fnode, tnode) {
                 (Some(a), Some(b)) => nodes.renamed(a, fname, b, tname, false),
-                (Some(a), None) => nodes.unlinked(a, fname),
+                (Some(a), None) => {
+                    // Moved into a folder the kernel never looked at: the node loses its name
+                    // here, and an open through the old name must not write to the moved
+                    // file unlocked and unreported. A lookup of the new name revives it.
+                    if let Some(m) = moved {
+                        nodes.mark_replaced(m);
+                    }
+                    nodes.unlinked(a, fname)
+                }
                 (None, Some(b)) => nodes.unlinked(b, tname),
                 (None, None) => {}
             }
@@ -847,6 +855,15 @@ impl Vfs {
         self.node(id).map(|(fd, _)| fd)
     }
 
+    /// The folder `id` for a change of a name in it: refused (ESTALE) if a peer's update
+    /// removed, replaced or moved it (or a folder above it) away, as the kernel may still
+    /// reach it through names it cached. Its names have no path here any more, so the change
+    /// would take no lock, be reported to no peer, and land in the trash.
+    fn parent_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>> {
+        self.check_not_replaced(id)?;
+        self.node_fd(id)
+    }
+
     /// Records one kernel reference to the inode behind `fd` (found as `parent/name` if `at` is
     /// given) and returns its attributes.
     fn remember(&self, fd: OwnedFd, st: &libc::stat, at: Option<(NodeId, &OsStr)>) -> Attr {
@@ -923,11 +940,12 @@ impl Vfs {
         self.nodes.write().forget(id, n);
     }
 
-    /// Refuses to open (or truncate by name) a file a peer's update replaced: the kernel
-    /// reached it through a name it cached before the update. ESTALE makes the kernel look
-    /// the name up again and open the new version (the path walk retries with LOOKUP_REVAL).
+    /// Refuses to open (or truncate by name) a file a peer's update replaced, or one below a
+    /// folder a peer's update replaced, removed or moved away: the kernel reached it through
+    /// a name it cached before the update. ESTALE makes the kernel look the name up again and
+    /// open the new version (the path walk retries with LOOKUP_REVAL).
     fn check_not_replaced(&self, id: NodeId) -> Result<()> {
-        if self.nodes.read().is_replaced(id) {
+        if self.nodes.read().is_replaced_here_or_above(id) {
             return Err(VfsError::os(libc::ESTALE));
         }
         Ok(())
@@ -1029,7 +1047,7 @@ impl Vfs {
         name: &OsStr,
         make: impl FnOnce(BorrowedFd<'_>, &std::ffi::CStr) -> Result<()>,
     ) -> Result<Attr> {
-        let pfd = self.node_fd(parent)?;
+        let pfd = self.parent_fd(parent)?;
         if is_reserved(name) {
             return Err(VfsError::os(libc::EPERM));
         }
@@ -1132,7 +1150,7 @@ impl Vfs {
     ) -> Result<(Attr, Opened)> {
         bump(&self.counters.creates);
         let r = (|| {
-            let pfd = self.node_fd(parent)?;
+            let pfd = self.parent_fd(parent)?;
             if is_reserved(name) {
                 return Err(VfsError::os(libc::EPERM));
             }
@@ -1181,7 +1199,7 @@ impl Vfs {
     pub fn unlink(&self, parent: NodeId, name: &OsStr) -> Result<()> {
         bump(&self.counters.unlinks);
         // smbd deletes without opening: the delete itself must respect another peer's lock.
-        let r = self.node_fd(parent).and_then(|pfd| {
+        let r = self.parent_fd(parent).and_then(|pfd| {
             let _guard = self.lock(self.child_path(parent, name), "unlink")?;
             sys::unlinkat(pfd.as_fd(), &cname(name)?, 0)
         });
@@ -1197,7 +1215,7 @@ impl Vfs {
 
     pub fn rmdir(&self, parent: NodeId, name: &OsStr) -> Result<()> {
         bump(&self.counters.rmdirs);
-        let r = self.node_fd(parent).and_then(|pfd| {
+        let r = self.parent_fd(parent).and_then(|pfd| {
             self.check_below(self.child_path(parent, name), "rmdir")?;
             sys::unlinkat(pfd.as_fd(), &cname(name)?, libc::AT_REMOVEDIR)
         });
@@ -1221,8 +1239,8 @@ impl Vfs {
     ) -> Result<()> {
         bump(&self.counters.renames);
         let r = (|| {
-            let old_dir = self.node_fd(parent)?;
-            let new_dir = self.node_fd(newparent)?;
+            let old_dir = self.parent_fd(parent)?;
+            let new_dir = self.parent_fd(newparent)?;
             let oldname = cname(name)?;
             if is_reserved(newname) {
                 return Err(VfsError::os(libc::EPERM));

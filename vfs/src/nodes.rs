@@ -211,12 +211,24 @@ impl NodeTable {
         self.set_loc_replacing(id, loc, false);
     }
 
-    /// Whether a peer's update replaced the file `id` was found as.
-    pub(crate) fn is_replaced(&self, id: NodeId) -> bool {
-        self.replaced.contains(&id)
+    /// Whether `id`, or a folder it was last seen in, was replaced by a peer's update (a
+    /// file below a folder a peer removed or moved away has no path here any more, but the
+    /// kernel may still reach it through names it cached).
+    pub(crate) fn is_replaced_here_or_above(&self, id: NodeId) -> bool {
+        let mut cur = id;
+        for _ in 0..4096 {
+            if self.replaced.contains(&cur) {
+                return true;
+            }
+            match self.nodes.get(&cur).and_then(|n| n.loc.as_ref()) {
+                Some((parent, _)) if cur != ROOT => cur = *parent,
+                _ => return false,
+            }
+        }
+        false
     }
 
-    /// Marks `id` as replaced by a peer's update (see `is_replaced`).
+    /// Marks `id` as replaced by a peer's update (see `is_replaced_here_or_above`).
     pub(crate) fn mark_replaced(&mut self, id: NodeId) {
         if self.nodes.contains_key(&id) {
             self.replaced.insert(id);

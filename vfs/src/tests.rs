@@ -500,3 +500,92 @@ fn a_file_a_peers_rename_replaced_refuses_opens_through_its_old_name() {
         vfs.release(ro.fh).expect("release");
     }
 }
+
+/// A peer moved a file into a folder this drive's kernel never looked at: the node loses its
+/// name here. An open through the old name the kernel still caches must not reach the moved
+/// file (unlocked, and its change unreported: it has no path); once the kernel looks the
+/// new name up, the file is reachable and locks again.
+#[test]
+fn a_file_a_peer_moved_out_of_sight_refuses_opens_through_its_old_name() {
+    let (dir, vfs, locks) = locked_drive();
+    std::fs::write(dir.path().join("doc.docx"), b"text").expect("write");
+    std::fs::create_dir(dir.path().join("archive")).expect("mkdir");
+    let doc = vfs.lookup(ROOT, OsStr::new("doc.docx")).expect("lookup");
+    std::fs::rename(
+        dir.path().join("doc.docx"),
+        dir.path().join("archive/doc.docx"),
+    )
+    .expect("rename");
+    let from = RelPath::new(b"doc.docx").expect("path");
+    let to = RelPath::new(b"archive/doc.docx").expect("path");
+    vfs.remote_renamed(&from, &to);
+    let r = vfs.open(doc.ino, libc::O_RDWR, false);
+    assert!(
+        matches!(r, Err(VfsError::Os(Errno(libc::ESTALE)))),
+        "{:?}",
+        r.map(|o| o.fh)
+    );
+    assert!(locks.log.lock().is_empty());
+    let archive = vfs.lookup(ROOT, OsStr::new("archive")).expect("lookup");
+    let moved = vfs
+        .lookup(archive.ino, OsStr::new("doc.docx"))
+        .expect("lookup");
+    assert_eq!(moved.ino, doc.ino, "the same file, found again");
+    let rw = vfs.open(moved.ino, libc::O_RDWR, false).expect("open");
+    assert_eq!(*locks.log.lock(), vec!["acquire archive/doc.docx"]);
+    vfs.release(rw.fh).expect("release");
+}
+
+/// A peer removed a folder (to the trash) while this drive's kernel still caches a file in
+/// it: an open through that name must not write, unlocked, to the file now in the trash.
+#[test]
+fn a_file_below_a_folder_a_peer_removed_refuses_opens() {
+    let (dir, vfs, locks) = locked_drive();
+    std::fs::create_dir(dir.path().join("proj")).expect("mkdir");
+    std::fs::write(dir.path().join("proj/doc.docx"), b"text").expect("write");
+    let proj = vfs.lookup(ROOT, OsStr::new("proj")).expect("lookup");
+    let doc = vfs
+        .lookup(proj.ino, OsStr::new("doc.docx"))
+        .expect("lookup");
+    // What the replicator does: the folder goes to the trash, then the drive hears of it.
+    std::fs::create_dir(dir.path().join(".trash")).expect("mkdir");
+    std::fs::rename(dir.path().join("proj"), dir.path().join(".trash/proj")).expect("rename");
+    vfs.remote_removed(&RelPath::new(b"proj").expect("path"));
+    let r = vfs.open(doc.ino, libc::O_RDWR, false);
+    assert!(
+        matches!(r, Err(VfsError::Os(Errno(libc::ESTALE)))),
+        "{:?}",
+        r.map(|o| o.fh)
+    );
+    // Nor may a name be made or removed in it: it would land in, or vanish from, the trash,
+    // unlocked and unreported.
+    let stale = |r: Result<()>| matches!(r, Err(VfsError::Os(Errno(libc::ESTALE))));
+    let created = vfs
+        .create(
+            ROOT_CALLER,
+            proj.ino,
+            OsStr::new("new.txt"),
+            0o644,
+            libc::O_RDWR,
+        )
+        .map(drop);
+    assert!(stale(created), "create");
+    assert!(
+        stale(vfs.unlink(proj.ino, OsStr::new("doc.docx"))),
+        "unlink"
+    );
+    assert!(
+        stale(vfs.rename(
+            proj.ino,
+            OsStr::new("doc.docx"),
+            ROOT,
+            OsStr::new("out.docx"),
+            RenameFlags::default()
+        )),
+        "rename out of it"
+    );
+    assert!(locks.log.lock().is_empty());
+    assert!(dir.path().join(".trash/proj/doc.docx").exists());
+    assert!(!dir.path().join("out.docx").exists());
+    assert!(vfs.lookup(ROOT, OsStr::new("proj")).is_err(), "gone");
+}
