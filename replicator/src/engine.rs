@@ -2351,6 +2351,21 @@ impl Inner {
                     continue;
                 }
             }
+            // A removal held back here (a save may yet put a file at the name) goes out
+            // before a peer's change of that name is decided: the change must meet the
+            // removal, not the removed file's entry. Sent later, the removal would take
+            // whatever the peer's change left at the name for what it removed, and remove
+            // it on every other peer while this one keeps the file.
+            let held_paths = match &msg {
+                ReplMsg::Op { op, .. } => op_paths(op),
+                ReplMsg::Begin { path, .. } => vec![path],
+                _ => Vec::new(),
+            };
+            for path in held_paths {
+                if let Err(e) = self.flush_held_related(path) {
+                    tracing::error!(path = %path, "replication: cannot record a removal: {e}");
+                }
+            }
             // True while the stream goes on: after an outcome that makes the sender restart
             // (a retry, a base or content it must change) the rest of this stream is dropped
             // until the restart arrives. A change refused for good is skipped by the sender,

@@ -640,3 +640,28 @@ fn regression_concurrent_creations_with_three_peers() {
         Write { peer: 0, slot: 1 },
     ]);
 }
+
+/// Shrunk by the model at a094ddf (PEERFS_MODEL_SEED=1795677221957036421): peer-b writes
+/// d0/g.txt while peer-a is stopped (peer-c gets it); then peer-a, alone, writes d0/g.txt and
+/// deletes it. When all three run again, the edit must survive the concurrent deletion. It
+/// ended with peer-b's version on peer-a only: peer-b and peer-c moved theirs to the trash "by
+/// peer-a". The removal was held back on peer-a (its lock lingered), peer-b's version arrived
+/// at the name meanwhile, and the removal, sent when the hold ended, tombed that version.
+/// Failed every run at af8476f and at a094ddf.
+#[test]
+fn regression_a_deletion_meets_a_concurrent_creation_of_the_name() {
+    run_regression(&[
+        Stop { peer: 0 },
+        Rename {
+            peer: 1,
+            from: 4,
+            to: 3,
+        },
+        Write { peer: 1, slot: 4 },
+        Stop { peer: 1 },
+        Stop { peer: 2 },
+        Start { peer: 0 },
+        Write { peer: 0, slot: 4 },
+        Delete { peer: 0, slot: 4 },
+    ]);
+}
