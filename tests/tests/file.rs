@@ -244,6 +244,22 @@ fn o_trunc(t: &Pair) {
     t.assert_same_tree();
 }
 
+/// Starts a program just written by `fs::copy`. Its exec can fail with ETXTBSY for a moment,
+/// on any filesystem: a process another test thread forks at that time inherits the copy's
+/// write descriptor until it execs (close-on-exec does not close it before then).
+fn spawn_fresh(prog: &std::path::Path) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match std::process::Command::new(prog).arg("30").spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// A program that runs from the drive: opening it for writing, or truncating it by an
 /// O_RDONLY|O_TRUNC open, fails with ETXTBSY and leaves it whole (the drive used to truncate
 /// it in the open, before the kernel's check, and the program died of SIGBUS).
@@ -253,7 +269,7 @@ fn running_program_is_neither_opened_for_writing_nor_truncated(t: &Pair) {
         fs::copy("/bin/sleep", &prog)?;
         fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let size = fs::metadata(&prog)?.len();
-        let mut child = std::process::Command::new(&prog).arg("30").spawn()?;
+        let mut child = spawn_fresh(&prog)?;
         let mut results = Vec::new();
         for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
             results.push(
