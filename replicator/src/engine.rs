@@ -2361,7 +2361,8 @@ impl Inner {
                 ReplMsg::Begin { path, .. } => vec![path],
                 _ => Vec::new(),
             };
-            for path in held_paths {
+            // (The root is no name: a no-op record names it.)
+            for path in held_paths.into_iter().filter(|p| !p.is_root()) {
                 if let Err(e) = self.flush_held_related(path) {
                     tracing::error!(path = %path, "replication: cannot record a removal: {e}");
                 }
