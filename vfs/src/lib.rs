@@ -624,9 +624,7 @@ impl Vfs {
                 .is_some_and(|(a, b)| a.st_ino == b.st_ino && a.st_dev == b.st_dev);
             if !same {
                 // Replaced by a new file: the old node keeps serving its open handles only.
-                let mut nodes = self.nodes.write();
-                nodes.mark_replaced(old);
-                nodes.unlinked(pnode, name);
+                self.nodes.write().replaced_at(pnode, name);
             }
             inv.data(old);
         }
@@ -676,15 +674,7 @@ impl Vfs {
         let Some(pnode) = self.known_dir(&parent) else {
             return;
         };
-        let old = {
-            let mut nodes = self.nodes.write();
-            let old = nodes.child(pnode, name);
-            if let Some(old) = old {
-                nodes.mark_replaced(old);
-            }
-            nodes.unlinked(pnode, name);
-            old
-        };
+        let old = self.nodes.write().replaced_at(pnode, name);
         if let Some(inv) = self.invalidator.get() {
             if let Some(old) = old {
                 inv.inode(old);
@@ -701,33 +691,31 @@ impl Vfs {
         };
         let fnode = self.known_dir(&fp);
         let tnode = self.known_dir(&tp);
+        // The file the rename replaced keeps serving its open handles only: a name the kernel
+        // cached before the rename must not reach it (an open through it would write to a
+        // file no name holds any more, and take no lock: it has no path).
         let displaced = {
             let mut nodes = self.nodes.write();
-            let moved = fnode.and_then(|a| nodes.child(a, fname));
-            // The file the rename replaced keeps serving its open handles only: a name the
-            // kernel cached before the rename must not reach it (an open through it would
-            // write to a file no name holds any more, and take no lock: it has no path).
-            let displaced = tnode
-                .and_then(|b| nodes.child(b, tname))
-                .filter(|d| Some(*d) != moved);
-            if let Some(d) = displaced {
-                nodes.mark_replaced(d);
-            }
             match (fnode, tnode) {
-                (Some(a), Some(b)) => nodes.renamed(a, fname, b, tname, false),
-                (Some(a), None) => {
-                    // Moved into a folder the kernel never looked at: the node loses its name
-                    // here, and an open through the old name must not write to the moved
-                    // file unlocked and unreported. A lookup of the new name revives it.
-                    if let Some(m) = moved {
-                        nodes.mark_replaced(m);
+                (Some(a), Some(b)) => {
+                    let moved = nodes.child(a, fname);
+                    let displaced = nodes.child(b, tname).filter(|d| Some(*d) != moved);
+                    if let Some(d) = displaced {
+                        nodes.mark_replaced(d);
                     }
-                    nodes.unlinked(a, fname)
+                    nodes.renamed(a, fname, b, tname, false);
+                    displaced
                 }
-                (None, Some(b)) => nodes.unlinked(b, tname),
-                (None, None) => {}
+                // Moved into a folder the kernel never looked at: likewise for the moved file
+                // (unlocked and unreported through its old name); a lookup of the new name
+                // revives it.
+                (Some(a), None) => {
+                    nodes.replaced_at(a, fname);
+                    None
+                }
+                (None, Some(b)) => nodes.replaced_at(b, tname),
+                (None, None) => None,
             }
-            displaced
         };
         if let Some(inv) = self.invalidator.get() {
             if let Some(d) = displaced {

@@ -289,6 +289,18 @@ impl NodeTable {
         self.collect(id);
     }
 
+    /// A peer's update took `parent/name` away (removed, replaced or moved out of sight): the
+    /// node known there keeps serving its open handles only (see `is_replaced_here_or_above`)
+    /// and loses the name. Returns it.
+    pub(crate) fn replaced_at(&mut self, parent: NodeId, name: &OsStr) -> Option<NodeId> {
+        let old = self.child(parent, name);
+        if let Some(old) = old {
+            self.mark_replaced(old);
+        }
+        self.unlinked(parent, name);
+        old
+    }
+
     /// `parent/name` was unlinked or removed.
     pub(crate) fn unlinked(&mut self, parent: NodeId, name: &OsStr) {
         if let Some(id) = self.by_name.get(&(parent, name.to_os_string())).copied() {

@@ -214,11 +214,8 @@ impl Inner {
     /// "in-sync".
     pub(super) fn compare_all_when_quiet(&self) {
         for p in &self.peers {
-            let mut st = p.state.lock();
-            if st.connected {
-                st.recon.compare_soon();
-                drop(st);
-                p.wake.notify_all();
+            if p.state.lock().connected {
+                self.compare_when_quiet(p);
             }
         }
     }
