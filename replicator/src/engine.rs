@@ -15,7 +15,7 @@
 //! full) ignores the rest of that *epoch*; the sender starts a new epoch at that record, with
 //! what the refusal asked for (another base, the content instead of the operation, or later).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -2307,13 +2307,8 @@ impl Inner {
                 Incoming::Msg(
                     ReplMsg::Copy { .. } | ReplMsg::Data { .. } | ReplMsg::End { .. },
                 ) => false,
-                Incoming::Msg(ReplMsg::Begin { path, .. }) => {
-                    touches(&batch, &[path]) || committer.touches(&[path])
-                }
-                Incoming::Msg(ReplMsg::Op { op, .. }) => {
-                    let paths = op_paths(op);
-                    touches(&batch, &paths) || committer.touches(&paths)
-                }
+                Incoming::Msg(ReplMsg::Begin { path, .. }) => committer.touches(&[path]),
+                Incoming::Msg(ReplMsg::Op { op, .. }) => committer.touches(&op_paths(op)),
                 _ => true,
             };
             if related {
@@ -2518,6 +2513,7 @@ impl Inner {
                             }
                             Finished::Deferred(mut pending) => {
                                 pending.epoch = epoch;
+                                committer.building.add(&pending.path);
                                 batch.push(Queued::File(pending));
                                 if batch.len() >= BATCH_FILES {
                                     committer.hand_off(&self, &p, &mut batch);
@@ -4171,8 +4167,66 @@ enum Finished {
 struct Committer {
     group: Arc<(Mutex<Group>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Paths of the files of the batch the receiver is building (not handed off yet).
+    building: Waiting,
     /// Paths of the files handed off since the committer was last seen idle.
-    paths: Vec<RelPath>,
+    handed: Waiting,
+}
+
+/// Paths of files waiting for a commit, indexed so that whether a path is one of them,
+/// contains one or lies within one costs a lookup per component of that path, however many
+/// files wait (a batch holds hundreds, and every record of the stream asks).
+#[derive(Default)]
+struct Waiting {
+    files: HashSet<Vec<u8>>,
+    /// Every folder above a waiting file, the root (empty) included.
+    dirs: HashSet<Vec<u8>>,
+}
+
+impl Waiting {
+    fn add(&mut self, path: &RelPath) {
+        let b = path.as_bytes();
+        let ends = std::iter::once(0).chain(
+            b.iter()
+                .enumerate()
+                .filter(|(_, c)| **c == b'/')
+                .map(|(i, _)| i),
+        );
+        for end in ends {
+            if !self.dirs.contains(&b[..end]) {
+                self.dirs.insert(b[..end].to_vec());
+            }
+        }
+        self.files.insert(b.to_vec());
+    }
+
+    fn clear(&mut self) {
+        self.files.clear();
+        self.dirs.clear();
+    }
+
+    /// Adds every path of `other`, which is left empty.
+    fn absorb(&mut self, other: &mut Waiting) {
+        if self.files.is_empty() {
+            std::mem::swap(self, other);
+        } else {
+            self.files.extend(other.files.drain());
+            self.dirs.extend(other.dirs.drain());
+        }
+    }
+
+    /// Whether `path` is, contains or lies within a waiting file's path.
+    fn relates(&self, path: &RelPath) -> bool {
+        if self.files.is_empty() {
+            return false;
+        }
+        let b = path.as_bytes();
+        self.files.contains(b)
+            || self.dirs.contains(b)
+            || b.iter()
+                .enumerate()
+                .any(|(i, c)| *c == b'/' && self.files.contains(&b[..i]))
+    }
 }
 
 #[derive(Default)]
@@ -4232,26 +4286,26 @@ impl Committer {
         Committer {
             group,
             thread,
-            paths: Vec::new(),
+            building: Waiting::default(),
+            handed: Waiting::default(),
         }
     }
 
     /// Hands `batch` (emptied) to the commit thread, or commits it here if there is none.
     fn hand_off(&mut self, inner: &Inner, p: &Peer, batch: &mut Vec<Queued>) {
         if batch.is_empty() {
+            self.building.clear();
             return;
         }
         if self.thread.is_none() {
             inner.commit_batch(p, batch);
+            self.building.clear();
             return;
         }
         if !self.busy() {
-            self.paths.clear();
+            self.handed.clear();
         }
-        self.paths.extend(batch.iter().filter_map(|q| match q {
-            Queued::File(pd) => Some(pd.path.clone()),
-            Queued::Ack { .. } => None,
-        }));
+        self.handed.absorb(&mut self.building);
         let files = files_in(batch);
         let (lock, cv) = &*self.group;
         let mut st = lock.lock();
@@ -4278,20 +4332,19 @@ impl Committer {
             cv.wait(&mut st);
         }
         drop(st);
-        self.paths.clear();
+        self.handed.clear();
     }
 
-    /// Whether any of `paths` relates to a file handed off and not committed yet.
+    /// Whether any of `paths` is, contains or lies within the path of a file waiting for a
+    /// commit: in the batch being built, or handed off and not committed yet.
     fn touches(&mut self, paths: &[&RelPath]) -> bool {
-        if !self.busy() {
-            self.paths.clear();
-            return false;
+        if paths.iter().any(|path| self.building.relates(path)) {
+            return true;
         }
-        self.paths.iter().any(|b| {
-            paths
-                .iter()
-                .any(|path| b.starts_with(path) || path.starts_with(b))
-        })
+        if !self.handed.files.is_empty() && !self.busy() {
+            self.handed.clear();
+        }
+        paths.iter().any(|path| self.handed.relates(path))
     }
 }
 
@@ -4318,16 +4371,6 @@ enum Queued {
         outcome: AckOutcome,
         holds: Option<Hash>,
     },
-}
-
-/// Whether any of `paths` is, contains or lies within a path of a waiting file.
-fn touches(batch: &[Queued], paths: &[&RelPath]) -> bool {
-    batch.iter().any(|q| match q {
-        Queued::File(b) => paths
-            .iter()
-            .any(|path| b.path.starts_with(path) || path.starts_with(&b.path)),
-        Queued::Ack { .. } => false,
-    })
 }
 
 /// The paths a namespace operation touches.
@@ -4736,5 +4779,48 @@ mod tests {
         );
         assert_eq!(utc_minutes(0), "1970-01-01 00.00");
         assert_eq!(utc_minutes(1_795_000_000), "2026-11-18 11.06");
+    }
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::new(s.as_bytes()).expect("valid path")
+    }
+
+    #[test]
+    fn waiting_files_relate_to_themselves_their_folders_and_what_lies_below_them() {
+        let mut w = Waiting::default();
+        assert!(!w.relates(&RelPath::root()));
+        w.add(&rel("a/b/f.txt"));
+        w.add(&rel("top.txt"));
+        for yes in [
+            "a/b/f.txt",
+            "a/b",
+            "a",
+            "",
+            "top.txt",
+            "a/b/f.txt/x",
+            "top.txt/y/z",
+        ] {
+            assert!(w.relates(&rel(yes)), "{yes:?} relates");
+        }
+        for no in [
+            "a/b/g.txt",
+            "a/c",
+            "a/b/f.tx",
+            "a/b/f.txt2",
+            "b",
+            "top",
+            "top.txt2/x",
+        ] {
+            assert!(!w.relates(&rel(no)), "{no:?} does not relate");
+        }
+        let mut other = Waiting::default();
+        other.add(&rel("c/d.txt"));
+        w.absorb(&mut other);
+        assert!(w.relates(&rel("c")) && w.relates(&rel("a/b/f.txt")));
+        assert!(!other.relates(&rel("c/d.txt")));
+        other.absorb(&mut w);
+        assert!(other.relates(&rel("c/d.txt")) && !w.relates(&rel("c")));
+        other.clear();
+        assert!(!other.relates(&RelPath::root()));
     }
 }
