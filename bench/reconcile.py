@@ -35,6 +35,7 @@ import platform
 import random
 import re
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -196,47 +197,57 @@ def compare_trees(a_root, b_root, ignore=()):
 
 
 def wait_tree(root, names, size, poll, deadline):
-    """Polls `root` until every name in `names` is there as a file of `size` bytes (receivers
-    rename complete files into place). Folders whose files are all seen are not listed again.
-    Returns the wall time of the poll that saw the last one, or None at the deadline."""
+    """Polls `root` until every name in `names` is there as a file of `size` bytes. Returns
+    the wall time at the end of the poll that saw the last name (if the sizes checked after it
+    were right), or None at the deadline.
+
+    The poller runs beside the peers on the same CPUs (rsync is timed without one), so a poll
+    must cost little: it lists folders in order and stops at the first one that still lacks a
+    name (a folder seen complete is not listed again), and it looks at names only. Receivers
+    rename complete files into place, so a name that is there has its whole content; sizes are
+    checked once all names are there, and a tree with a wrong size is polled on (and checked
+    again) until its sizes are right too."""
     pending = {}
     for n in names:
         d, f = os.path.split(n)
         pending.setdefault(d, set()).add(f)
+    order = sorted(pending)
+    total = len(names)
     while True:
-        t = time.time()
-        # Only folders that exist are listed (one listing of their parents, not one failed
-        # scandir per missing folder): the poller's own CPU competes with the peers on this
-        # 2-CPU machine (rsync is timed without one).
-        parents = {}
-        for d in pending:
-            parent = os.path.dirname(d)
-            if parent not in parents:
-                try:
-                    parents[parent] = set(os.listdir(os.path.join(root, parent)))
-                except FileNotFoundError:
-                    parents[parent] = set()
-        for d in list(pending):
-            if d and os.path.basename(d) not in parents[os.path.dirname(d)]:
-                continue
-            want = pending[d]
+        while order:
+            d = order[0]
             try:
-                with os.scandir(os.path.join(root, d)) as it:
-                    for e in it:
-                        if e.name in want and e.is_file(follow_symlinks=False) \
-                                and e.stat(follow_symlinks=False).st_size == size:
-                            want.discard(e.name)
+                present = os.listdir(os.path.join(root, d))
             except FileNotFoundError:
-                continue
-            if not want:
-                del pending[d]
-        if not pending:
-            return t
+                break
+            pending[d].difference_update(present)
+            if pending[d]:
+                break
+            order.pop(0)
+        if not order:
+            seen = time.time()
+            wrong = [n for n in names if not sized(os.path.join(root, n), size)]
+            if not wrong:
+                return seen
+            names = wrong
+        t = time.time()
         if t > deadline:
-            left = sum(len(v) for v in pending.values())
-            progress(f"  not complete at the deadline: {left:,} of {len(names):,} files missing")
+            if order:
+                left = f"{sum(len(pending[d]) for d in order):,} of {total:,} files missing"
+            else:
+                left = f"{len(names):,} of {total:,} files not of {size} bytes"
+            progress(f"  not complete at the deadline: {left}")
             return None
         time.sleep(poll)
+
+
+def sized(path, size):
+    """Whether `path` is a regular file (not followed) of `size` bytes."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 # ---------------------------------------------------------------- peers
