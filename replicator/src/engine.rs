@@ -38,7 +38,7 @@ use crate::beneath::{lstat_at, open_dir, open_parent, openat2_beneath};
 use crate::chunk::{ChunkRef, Hash, MAX_SIZE, hash_bytes};
 use crate::delta::{Delta, Op};
 use crate::manifest::{self, Manifest};
-use crate::meta::{apply_meta, open_for_meta, read_meta};
+use crate::meta::{apply_meta, apply_meta_new, open_for_meta, read_meta};
 use crate::store::{FileId, NewRecord, PeerKey, QueueRecord, RecordKind, ScanStamp, Store};
 
 mod recon;
@@ -3071,7 +3071,8 @@ impl Inner {
                     retry: true,
                 });
             }
-            apply_meta(tmp.as_fd(), &t.meta, self.cfg.owners, false)?;
+            // The intermediate file is new (a clone of the base shares content, not metadata).
+            apply_meta_new(tmp.as_fd(), &t.meta, self.cfg.owners, &fstat(&tmp)?)?;
             let plain = t.decision == Decision::Apply && t.size <= BATCH_MAX_FILE && t.plain_target;
             if may_defer && plain {
                 deferred = Some(Box::new(Pending {

@@ -101,9 +101,34 @@ fn read_user_xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<(ByteBuf, ByteBuf)>> {
 /// Applies `meta` to the object behind `fd` (a file or folder opened for reading, or an
 /// `O_PATH` symlink when `symlink`). `owners`: also apply uid/gid.
 pub fn apply_meta(fd: BorrowedFd<'_>, meta: &Meta, owners: bool, symlink: bool) -> io::Result<()> {
+    apply_meta_as(fd, meta, owners, symlink, None)
+}
+
+/// [`apply_meta`] for a regular file this process has just created (`O_EXCL`) and written
+/// nothing but content to; `st` is its `fstat`. What already holds is not applied again: the
+/// owner, the permissions and, with no extended attributes to set, the attributes (a new file
+/// has no `user.` attributes to remove). Receivers apply metadata to every file they build, so
+/// each syscall left out here is one per replicated file.
+pub fn apply_meta_new(
+    fd: BorrowedFd<'_>,
+    meta: &Meta,
+    owners: bool,
+    st: &libc::stat,
+) -> io::Result<()> {
+    apply_meta_as(fd, meta, owners, false, Some(st))
+}
+
+fn apply_meta_as(
+    fd: BorrowedFd<'_>,
+    meta: &Meta,
+    owners: bool,
+    symlink: bool,
+    new: Option<&libc::stat>,
+) -> io::Result<()> {
     let raw = fd.as_raw_fd();
     let empty = c"";
-    if owners {
+    let owned = new.is_some_and(|st| st.st_uid == meta.uid && st.st_gid == meta.gid);
+    if owners && !owned {
         // SAFETY: AT_EMPTY_PATH on our own descriptor.
         cvt(unsafe {
             libc::fchownat(

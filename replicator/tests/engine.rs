@@ -38,6 +38,11 @@ fn fixture() -> Fixture {
 
 /// A replicator over a backing folder holding `files` small files, not connected yet.
 fn fixture_with(files: usize) -> Fixture {
+    fixture_of(files, false)
+}
+
+/// [`fixture_with`]; `owners`: the receiver applies the sender's uid and gid.
+fn fixture_of(files: usize, owners: bool) -> Fixture {
     let backing = tempfile::tempdir().expect("tmp");
     for i in 0..files {
         let dir = backing.path().join(format!("pre/{}", i % 50));
@@ -66,7 +71,7 @@ fn fixture_with(files: usize) -> Fixture {
         state: state.path().to_path_buf(),
         me: PeerId([1; 32]),
         peers: vec![(PEER, "peer".into())],
-        owners: false,
+        owners,
         window: 1 << 20,
         hold_removes: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
@@ -149,6 +154,67 @@ fn begin_inline(epoch: u64, seq: u64, p: &str, content: &[u8]) -> ReplMsg {
         *inline = Some(ByteBuf(content.to_vec()));
     }
     m
+}
+
+/// The sender's metadata reaches every built file, also where it equals what a new file gets
+/// anyway (the receiver leaves out the changes that already hold).
+#[test]
+fn a_received_file_gets_the_senders_owner_mode_and_attributes() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: giving files to other owners needs root");
+        return;
+    }
+    let f = fixture_of(0, true);
+    f.repl.peer_connected(PEER);
+    let attr = (ByteBuf(b"user.office".to_vec()), ByteBuf(b"tokyo".to_vec()));
+    // (name, uid, gid, mode, attributes): the receiver creates its files 0600, as root.
+    let cases = [
+        ("given.txt", 1234, 5678, 0o640, vec![attr.clone()]),
+        ("as-new.txt", 0, 0, 0o600, vec![]),
+        ("readable.txt", 0, 0, 0o644, vec![]),
+        ("group.txt", 0, 4321, 0o600, vec![]),
+        ("attr.txt", 0, 0, 0o600, vec![attr.clone()]),
+    ];
+    for (i, (name, uid, gid, mode, xattrs)) in cases.iter().enumerate() {
+        let seq = i as u64 + 1;
+        let mut m = begin_inline(1, seq, name, name.as_bytes());
+        if let ReplMsg::Begin { meta, .. } = &mut m {
+            *meta = Meta {
+                mode: *mode,
+                uid: *uid,
+                gid: *gid,
+                mtime_sec: 1_700_000_000 + i as i64,
+                mtime_nsec: 0,
+                xattrs: xattrs.clone(),
+            };
+        }
+        f.repl.on_message(PEER, m);
+        assert_eq!(f.ack(seq), AckOutcome::Applied, "{name}");
+    }
+    for (i, (name, uid, gid, mode, xattrs)) in cases.iter().enumerate() {
+        let p = f.backing.join(name);
+        let md = std::fs::symlink_metadata(&p).expect("received");
+        assert_eq!(std::fs::read(&p).expect("read"), name.as_bytes(), "{name}");
+        assert_eq!((md.uid(), md.gid()), (*uid, *gid), "{name}: owner");
+        assert_eq!(md.mode() & 0o7777, *mode, "{name}: mode");
+        assert_eq!(md.mtime(), 1_700_000_000 + i as i64, "{name}: mtime");
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+        let mut buf = [0u8; 64];
+        // SAFETY: valid path and name, buffer of its length.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                c"user.office".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let got = (n >= 0).then(|| buf[..n as usize].to_vec());
+        let want = xattrs.first().map(|(_, v)| v.0.clone());
+        assert_eq!(got, want, "{name}: attribute");
+    }
 }
 
 #[test]
