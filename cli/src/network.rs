@@ -110,6 +110,8 @@ impl Network {
             window: 16 * 1024 * 1024,
             hold_removes: cfg.locks.linger + Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            recon_rounds: engine::RECON_ROUNDS,
+            recon_pause: engine::RECON_PAUSE,
         };
         let (mesh, locks, repl, router) = runtime.block_on(async {
             let (mesh, mut events) =

@@ -5,7 +5,9 @@
 //!
 //! A peer entry's `"sync"` is `{"state", "files_done", "files_total", "bytes_done",
 //! "bytes_total", "recv_files_done", "recv_files_total", "recv_bytes_done", "recv_bytes_total",
-//! "rounds"}`: `state` is `offline`, `comparing`, `syncing` or `in-sync`; the plain counters are
+//! "rounds", "paused"}`: `state` is `offline`, `comparing`, `syncing` or `in-sync`; `paused` counts
+//! the comparisons that did not agree within their rounds and wait to compare again; the plain
+//! counters are
 //! what this server sends to that peer in the current connection, the `recv_` ones what it
 //! receives (totals as the sender announced them). Daemons older than reconciliation have no
 //! `"sync"`, and any counter may be missing: a missing counter reads as 0.
@@ -39,6 +41,7 @@ pub struct PeerSync {
     pub recv_bytes_done: u64,
     pub recv_bytes_total: u64,
     pub rounds: u64,
+    pub paused: u64,
 }
 
 impl PeerSync {
@@ -62,6 +65,7 @@ impl PeerSync {
             recv_bytes_done: n("recv_bytes_done"),
             recv_bytes_total: n("recv_bytes_total"),
             rounds: n("rounds"),
+            paused: n("paused"),
         })
     }
 
@@ -71,7 +75,7 @@ impl PeerSync {
     }
 
     /// The line `peerfs status` prints under the peer: `sync in-sync`, `sync comparing (2
-    /// rounds)`, `syncing 1,234/10,000 files, 1.2 MiB/9.8 MiB (receiving 3/3 files, 3.0
+    /// rounds)`, `sync comparing (16 rounds, paused twice)`, `syncing 1,234/10,000 files, 1.2 MiB/9.8 MiB (receiving 3/3 files, 3.0
     /// KiB/3.0 KiB)`.
     pub fn describe(&self) -> String {
         let sending = (self.files_total > 0 || self.bytes_total > 0).then(|| {
@@ -91,9 +95,19 @@ impl PeerSync {
             )
         });
         let rounds = match self.rounds {
-            0 => String::new(),
-            1 => " (1 round)".to_string(),
-            r => format!(" ({} rounds)", count(r)),
+            0 => None,
+            1 => Some("1 round".to_string()),
+            r => Some(format!("{} rounds", count(r))),
+        };
+        let paused = match self.paused {
+            0 => None,
+            1 => Some("paused once".to_string()),
+            2 => Some("paused twice".to_string()),
+            n => Some(format!("paused {} times", count(n))),
+        };
+        let rounds = match [rounds, paused].into_iter().flatten().collect::<Vec<_>>() {
+            v if v.is_empty() => String::new(),
+            v => format!(" ({})", v.join(", ")),
         };
         match self.state.as_str() {
             "syncing" => match (sending, receiving) {
@@ -337,6 +351,14 @@ mod tests {
         assert_eq!(
             line(json!({"state": "comparing", "rounds": 3})),
             "sync comparing (3 rounds)"
+        );
+        assert_eq!(
+            line(json!({"state": "comparing", "rounds": 16, "paused": 2})),
+            "sync comparing (16 rounds, paused twice)"
+        );
+        assert_eq!(
+            line(json!({"state": "in-sync", "rounds": 1, "paused": 1})),
+            "sync in-sync (1 round, paused once)"
         );
         assert_eq!(
             line(

@@ -47,7 +47,7 @@ mod versions;
 use crate::catalog::Decision;
 use versions::now_secs;
 
-pub use recon::{ConflictNote, ScanReport, SyncProgress};
+pub use recon::{ConflictNote, RECON_PAUSE, RECON_ROUNDS, ScanReport, SyncProgress};
 
 /// See [`Replicator::pause_applies`].
 pub struct ApplyPause<'a>(#[allow(dead_code)] parking_lot::MutexGuard<'a, ()>);
@@ -149,6 +149,12 @@ pub struct Config {
     pub hold_removes: Duration,
     /// Retries of failed transfers back off up to this.
     pub max_backoff: Duration,
+    /// Comparison rounds in a row that may queue something before a comparison that does not
+    /// agree pauses ([`RECON_ROUNDS`]).
+    pub recon_rounds: u64,
+    /// The first such pause; each further one on the connection doubles it, up to 5 minutes
+    /// ([`RECON_PAUSE`]).
+    pub recon_pause: Duration,
 }
 
 /// A change the drive made, as it reports it (after the change succeeded).

@@ -75,6 +75,8 @@ fn fixture_of(files: usize, owners: bool) -> Fixture {
         window: 1 << 20,
         hold_removes: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
+        recon_rounds: peerfs_replicator::engine::RECON_ROUNDS,
+        recon_pause: peerfs_replicator::engine::RECON_PAUSE,
     };
     let repl = Replicator::start(cfg, store, sent.clone(), trash).expect("start");
     Fixture {

@@ -110,6 +110,15 @@ impl Cluster {
     /// `n` replicators that list each other; no link is up yet. `seed(i)`: files put in
     /// peer i's backing folder before it starts.
     fn new<S: AsRef<str>>(n: usize, seed: impl Fn(usize) -> Vec<(S, Vec<u8>)>) -> Cluster {
+        Cluster::tuned(n, seed, |_| {})
+    }
+
+    /// [`Cluster::new`] with each replicator's configuration changed by `tune` before it starts.
+    fn tuned<S: AsRef<str>>(
+        n: usize,
+        seed: impl Fn(usize) -> Vec<(S, Vec<u8>)>,
+        tune: impl Fn(&mut Config),
+    ) -> Cluster {
         // RUST_LOG=debug shows what each replicator decides (one line per event).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -184,7 +193,7 @@ impl Cluster {
                 std::fs::rename(src, dest)
             });
             let name = format!("p{i}");
-            let cfg = Config {
+            let mut cfg = Config {
                 backing: backing.path().to_path_buf(),
                 state: state.path().to_path_buf(),
                 me: id(i),
@@ -198,7 +207,10 @@ impl Cluster {
                 window: 1 << 20,
                 hold_removes: Duration::from_millis(10),
                 max_backoff: Duration::from_millis(200),
+                recon_rounds: peerfs_replicator::engine::RECON_ROUNDS,
+                recon_pause: peerfs_replicator::engine::RECON_PAUSE,
             };
+            tune(&mut cfg);
             let repl = Replicator::start(
                 cfg,
                 store,
@@ -573,6 +585,35 @@ fn concurrent_edits_keep_both_under_the_same_names_everywhere() {
 /// nothing to p1 (p1 and p2 exchange directly, as far as p0 knows); p0's comparison with p1
 /// brings it across. Before, p0 compared only with the edit's sender, and p1 kept the old
 /// version, its link to p0 reading "in-sync", until its link to p2 came back.
+/// A comparison that does not agree within its rounds pauses, counts the pause in `status`,
+/// and compares again once the pause is over, until the trees agree. No round is allowed
+/// before a pause here, so every comparison pauses first and each resumption runs one round.
+#[test]
+fn a_comparison_that_pauses_compares_again_and_converges() {
+    let c = Cluster::tuned(
+        2,
+        |i| match i {
+            0 => vec![("a.txt", b"a".to_vec()), ("d/b.txt", b"b".to_vec())],
+            _ => vec![("c.txt", b"c".to_vec())],
+        },
+        |cfg| {
+            cfg.recon_rounds = 0;
+            cfg.recon_pause = Duration::from_millis(200);
+        },
+    );
+    c.connect_all();
+    let tree = c.settle().unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = tree.keys().map(String::as_str).collect();
+    assert_eq!(names, ["a.txt", "c.txt", "d/", "d/b.txt"]);
+    let paused: u64 = c
+        .nodes
+        .iter()
+        .flat_map(|n| n.repl.status())
+        .map(|s| s.sync.paused)
+        .sum();
+    assert!(paused >= 1, "no comparison paused");
+}
+
 #[test]
 fn a_change_reaches_a_peer_whose_link_to_its_origin_is_down() {
     let c = Cluster::new(3, |_| vec![("doc.txt", b"v0".to_vec())]);

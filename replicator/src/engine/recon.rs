@@ -39,12 +39,14 @@ use crate::catalog::{bucket_hash, decide, leaf_digest, max_clock, xor};
 use crate::store::CatEntry;
 
 /// Comparison rounds in a row that may queue something before the comparison pauses (a path
-/// that keeps differing is reported instead of looping).
-const MAX_ROUNDS: u64 = 8;
-/// How long the first pause lasts; each further pause on the connection doubles it, up to
-/// [`PAUSE_MAX`]. Differences can take more rounds than that to settle without any loop
-/// (three peers passing one change around), and must not wait for the next reconnection.
-const PAUSE_FIRST: Duration = Duration::from_secs(4);
+/// that keeps differing is reported instead of looping): the default of
+/// [`Config::recon_rounds`].
+pub const RECON_ROUNDS: u64 = 8;
+/// How long the first pause lasts (the default of [`Config::recon_pause`]); each further pause
+/// on the connection doubles it, up to [`PAUSE_MAX`]. Differences can take more rounds than
+/// that to settle without any loop (three peers passing one change around), and must not wait
+/// for the next reconnection.
+pub const RECON_PAUSE: Duration = Duration::from_secs(4);
 const PAUSE_MAX: Duration = Duration::from_secs(300);
 /// A round counts as over when no message of it arrived for this long.
 const ROUND_QUIET: Duration = Duration::from_millis(300);
@@ -104,6 +106,8 @@ pub struct SyncProgress {
     pub recv_bytes_done: u64,
     pub recv_bytes_total: u64,
     pub rounds: u64,
+    /// Times the comparison paused after `Config::recon_rounds` rounds without agreeing.
+    pub paused: u64,
 }
 
 #[derive(Default)]
@@ -125,9 +129,11 @@ pub(super) struct PeerRecon {
     in_sync: bool,
     /// Rounds run on this connection (for `status`).
     rounds: u64,
-    /// Rounds run since the digests last agreed (bounded by `MAX_ROUNDS`).
+    /// Pauses on this connection (for `status`).
+    paused: u64,
+    /// Rounds run since the digests last agreed (bounded by `Config::recon_rounds`).
     streak: u64,
-    /// Paused after `MAX_ROUNDS` rounds: comparing again from then.
+    /// Paused after `Config::recon_rounds` rounds: comparing again from then.
     resume_at: Option<Instant>,
     /// Pauses since the digests last agreed.
     pauses: u32,
@@ -278,6 +284,7 @@ impl Inner {
             recv_bytes_done: received.min(r.recv_bytes_total),
             recv_bytes_total: r.recv_bytes_total,
             rounds: r.rounds,
+            paused: r.paused,
         }
     }
 
@@ -532,7 +539,8 @@ impl Inner {
             return Ok(());
         }
         st.recon.in_sync = false;
-        if st.recon.streak >= MAX_ROUNDS {
+        let max_rounds = self.cfg.recon_rounds;
+        if st.recon.streak >= max_rounds {
             let now = Instant::now();
             match st.recon.resume_at {
                 Some(t) if now >= t => {
@@ -541,18 +549,21 @@ impl Inner {
                 }
                 Some(_) => return Ok(()),
                 None => {
-                    let pause = PAUSE_FIRST
+                    let pause = self
+                        .cfg
+                        .recon_pause
                         .saturating_mul(1 << st.recon.pauses.min(16))
                         .min(PAUSE_MAX);
                     st.recon.pauses += 1;
+                    st.recon.paused += 1;
                     st.recon.resume_at = Some(now + pause);
                     // Our summary then starts the next rounds (the peer answers with its own).
                     st.recon.summary_due = Some(now + pause);
                     st.recon.comparing = false;
                     let msg = format!(
-                        "reconciliation with {} did not converge after {MAX_ROUNDS} rounds; comparing again in {} s",
+                        "reconciliation with {} did not converge after {max_rounds} rounds; comparing again in {:.1} s",
                         p.name,
-                        pause.as_secs()
+                        pause.as_secs_f64()
                     );
                     tracing::error!("{msg}");
                     st.last_error = Some(msg);
