@@ -2183,6 +2183,9 @@ struct Transfer {
     name: CString,
     /// Where the new version is built; `None` when the receiver already has it (metadata only).
     tmp: Option<(File, CString)>,
+    /// The intermediate file has no name yet (`O_TMPFILE`): the name beside it is the one it
+    /// gets if it must be renamed into place; a new name takes it by a link, atomically.
+    unnamed: bool,
     base: Option<(File, Manifest)>,
     cloned: bool,
     at: u64,
@@ -2211,7 +2214,7 @@ struct Transfer {
 
 impl Drop for Transfer {
     fn drop(&mut self) {
-        if let Some((_, name)) = self.tmp.take() {
+        if let Some((_, name)) = self.tmp.take().filter(|_| !self.unnamed) {
             // SAFETY: unlinkat on our own directory descriptor.
             unsafe { libc::unlinkat(self.dir.as_raw_fd(), name.as_ptr(), 0) };
         }
@@ -2656,6 +2659,7 @@ impl Inner {
             seen,
             tmp,
             tmp_name,
+            unnamed,
             guard,
             manifest,
             ..
@@ -2663,7 +2667,15 @@ impl Inner {
         if let Some(refusal) = self.replaceable(dir.as_fd(), &name, &path, seen) {
             return Ok(refusal);
         }
-        renameat(dir.as_fd(), &tmp_name, dir.as_fd(), &name)?;
+        if unnamed {
+            // The decision saw nothing at the name; a link never replaces what came since.
+            match link_unnamed(&tmp, dir.as_fd(), &name) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(changed_here(&path)),
+                other => other?,
+            }
+        } else {
+            renameat(dir.as_fd(), &tmp_name, dir.as_fd(), &name)?;
+        }
         std::mem::forget(guard);
         if sync_dir {
             fsync_dir(dir.as_fd());
@@ -2871,6 +2883,7 @@ impl Inner {
             dir,
             name,
             tmp: None,
+            unnamed: false,
             base: have,
             cloned: false,
             at: 0,
@@ -2933,13 +2946,25 @@ impl Inner {
             }
         }
         let tmp_name = CString::new(tmp_name()).map_err(|e| failed(&ioerr(e)))?;
-        let tmp = openat2_beneath(
-            t.dir.as_fd(),
-            &tmp_name,
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-            0o600,
-        )
-        .map_err(|e| failed(&e))?;
+        // A version for a name that has nothing is built without a name: a link then puts it
+        // at the name, and nothing is left to rename or remove (one entry written in the
+        // folder instead of three, which counts when a whole tree arrives).
+        let unnamed = if st.is_none() {
+            open_unnamed(t.dir.as_fd())
+        } else {
+            None
+        };
+        t.unnamed = unnamed.is_some();
+        let tmp = match unnamed {
+            Some(f) => f,
+            None => openat2_beneath(
+                t.dir.as_fd(),
+                &tmp_name,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                0o600,
+            )
+            .map_err(|e| failed(&e))?,
+        };
         let tmp = File::from(tmp);
         // Copies come from the receiver's file when it is the transfer's base.
         if !(base.is_some() && base == have_hash) {
@@ -3056,9 +3081,9 @@ impl Inner {
                 }
                 return Ok(AckOutcome::Applied);
             };
-            let guard = TmpName {
+            let mut guard = TmpName {
                 dir: t.dir.as_raw_fd(),
-                name: Some(tmp_name.clone()),
+                name: (!t.unnamed).then(|| tmp_name.clone()),
             };
             if t.at != t.size || !t.part.is_empty() {
                 return Ok(AckOutcome::Failed {
@@ -3080,6 +3105,11 @@ impl Inner {
             // The intermediate file is new (a clone of the base shares content, not metadata).
             apply_meta_new(tmp.as_fd(), &t.meta, self.cfg.owners, &fstat(&tmp)?)?;
             let plain = t.decision == Decision::Apply && t.size <= BATCH_MAX_FILE && t.plain_target;
+            if t.unnamed && !(may_defer && plain) {
+                // What follows renames the intermediate file: it takes its name first.
+                link_unnamed(&tmp, t.dir.as_fd(), &tmp_name)?;
+                guard.name = Some(tmp_name.clone());
+            }
             if may_defer && plain {
                 deferred = Some(Box::new(Pending {
                     seq: t.seq,
@@ -3093,6 +3123,7 @@ impl Inner {
                     seen: t.seen,
                     tmp,
                     tmp_name,
+                    unnamed: t.unnamed,
                     guard,
                     manifest: m,
                 }));
@@ -4406,6 +4437,8 @@ struct Pending {
     seen: Option<ScanStamp>,
     tmp: File,
     tmp_name: CString,
+    /// `tmp` has no name: a link puts it at `name` (see [`Transfer::unnamed`]).
+    unnamed: bool,
     guard: TmpName,
     manifest: Manifest,
 }
@@ -4603,6 +4636,73 @@ fn renameat2_exchange(
             d2.as_raw_fd(),
             n2.as_ptr(),
             libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether this backing filesystem makes unnamed files (`O_TMPFILE`); cleared at the first
+/// refusal, after which intermediate files get names as before.
+static UNNAMED_WORKS: AtomicBool = AtomicBool::new(true);
+
+/// A new unnamed regular file (mode 0600) in folder `dir`, open for reading and writing;
+/// `None` where the filesystem makes none (then also for every later call).
+fn open_unnamed(dir: BorrowedFd<'_>) -> Option<OwnedFd> {
+    if !UNNAMED_WORKS.load(Ordering::Relaxed) {
+        return None;
+    }
+    match openat2_beneath(dir, c".", libc::O_RDWR | libc::O_TMPFILE, 0o600) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            ) {
+                tracing::info!(
+                    "replication: the backing filesystem makes no unnamed files ({e}); intermediate files get names"
+                );
+                UNNAMED_WORKS.store(false, Ordering::Relaxed);
+            }
+            None
+        }
+    }
+}
+
+/// Gives the unnamed file `file` the name `name` in `dir`; fails with EEXIST if the name is
+/// taken (nothing is replaced).
+fn link_unnamed(file: &File, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: linkat of our own descriptor (empty path) into a descriptor we hold.
+    let r = unsafe {
+        libc::linkat(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) {
+        return Err(e);
+    }
+    // Kernels before 6.10 allow the empty path only with CAP_DAC_READ_SEARCH; the
+    // descriptor's /proc link works without it.
+    let proc = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(ioerr)?;
+    // SAFETY: valid NUL-terminated paths; the directory descriptor is ours.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
         )
     };
     if r == 0 {

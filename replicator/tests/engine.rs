@@ -219,6 +219,58 @@ fn a_received_file_gets_the_senders_owner_mode_and_attributes() {
     }
 }
 
+/// A version for a name that had nothing is built without a name and linked into place: a
+/// file that appears at the name during the transfer is kept (the transfer is refused for a
+/// retry), and neither case leaves an intermediate file behind.
+#[test]
+fn a_new_name_taken_during_the_transfer_keeps_what_took_it() {
+    let f = fixture();
+    let theirs = b"the peer's new file".to_vec();
+    f.repl.on_message(PEER, begin(1, 0, "d/new.txt", &theirs));
+    // A local writer creates the name after the decision saw nothing there: once the
+    // receiver holds its unnamed file in `d` (the process's descriptors show it as deleted).
+    let building = f.backing.join("d/#");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_dir("/proc/self/fd").expect("fds").any(|e| {
+        std::fs::read_link(e.expect("fd").path()).is_ok_and(|l| {
+            l.as_os_str()
+                .as_encoded_bytes()
+                .starts_with(building.as_os_str().as_encoded_bytes())
+        })
+    }) {
+        assert!(Instant::now() < deadline, "the receiver built nothing in d");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::fs::write(f.backing.join("d/new.txt"), b"written here").expect("write");
+    f.send_whole(0, &theirs);
+    assert!(
+        matches!(f.ack(0), AckOutcome::Failed { retry: true, .. }),
+        "{:?}",
+        f.ack(0)
+    );
+    assert_eq!(
+        std::fs::read(f.backing.join("d/new.txt")).expect("read"),
+        b"written here"
+    );
+    // Another new name goes through, also in a folder that had to be made.
+    let other = b"another new file".to_vec();
+    f.repl
+        .on_message(PEER, begin_inline(1, 1, "d/e/other.txt", &other));
+    assert_eq!(f.ack(1), AckOutcome::Applied);
+    assert_eq!(
+        std::fs::read(f.backing.join("d/e/other.txt")).expect("read"),
+        other
+    );
+    let mut names = Vec::new();
+    for dir in ["d", "d/e"] {
+        for e in std::fs::read_dir(f.backing.join(dir)).expect("dir") {
+            names.push(e.expect("entry").file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["e", "new.txt", "other.txt"]);
+}
+
 #[test]
 fn a_well_formed_stream_applies_and_a_corrupt_chunk_changes_nothing() {
     let f = fixture();
