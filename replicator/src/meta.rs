@@ -104,8 +104,8 @@ pub fn apply_meta(fd: BorrowedFd<'_>, meta: &Meta, owners: bool, symlink: bool) 
     apply_meta_as(fd, meta, owners, symlink, None)
 }
 
-/// [`apply_meta`] for a regular file this process has just created (`O_EXCL`) and written
-/// nothing but content to; `st` is its `fstat`. What already holds is not applied again: the
+/// [`apply_meta`] for a regular file this process has just created (`O_EXCL` or `O_TMPFILE`)
+/// and written nothing but content to; `st` is its `fstat`. What already holds is not applied again: the
 /// owner, the permissions and, with no extended attributes to set, the attributes (a new file
 /// has no `user.` attributes to remove). Receivers apply metadata to every file they build, so
 /// each syscall left out here is one per replicated file.
