@@ -31,9 +31,9 @@ for ((i = 1; i <= rounds; i++)); do
         r=$(grep -o "rsync  rep 1: [0-9,]* B, [0-9.]* s" <<<"$out" | awk '{print $6}')
         [[ -n $p ]] || { echo "$0: no peerfs time in the output ($b)" >&2; exit 1; }
         echo "round $i  $b  peerfs ${p} s  rsync ${r:-?} s"
-        sums[$k]=$(awk -v a="${sums[$k]:-0}" -v x="$p" 'BEGIN{print a + x}')
+        sums[k]=$(awk -v a="${sums[k]:-0}" -v x="$p" 'BEGIN{print a + x}')
     done
 done
 for k in "${!bins[@]}"; do
-    awk -v s="${sums[$k]}" -v n="$rounds" -v b="${bins[$k]}" 'BEGIN{printf "mean %.3f s  %s\n", s / n, b}'
+    awk -v s="${sums[k]}" -v n="$rounds" -v b="${bins[$k]}" 'BEGIN{printf "mean %.3f s  %s\n", s / n, b}'
 done
