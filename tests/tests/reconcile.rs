@@ -3,9 +3,9 @@
 //! `NAME (conflict PEER YYYY-MM-DD HH.MM).EXT`, identically on every peer), an edit beats a
 //! concurrent delete, deletes are remembered, two trees that never met merge into their union,
 //! the start scan finds what changed in the backing folder while the drive was down, a peer
-//! relays changes and locks between two peers that do not know each other, a receiver killed
-//! during a first sync resumes without losing or doubling anything, and `peerfs status --json`
-//! reports sync progress.
+//! relays changes and locks between two peers that do not know each other, a sender or a
+//! receiver killed during a first sync resumes without losing or doubling anything, and
+//! `peerfs status --json` reports sync progress.
 //!
 //! The assertions are on the files themselves: every test ends with the peers' backing trees
 //! equal (names, kinds, content, permission bits, symlink targets; peerfs's own `.peerfs-tmp-*`
@@ -760,6 +760,20 @@ fn bulk_files_in(root: &Path) -> usize {
 /// version, not a conflict.
 #[test]
 fn a_receiver_killed_during_a_first_sync_loses_nothing() {
+    killed_during_a_first_sync(B);
+}
+
+/// The same with the sender killed: A's queue of what the comparison found B lacks was on disk,
+/// or is found again by the next comparison.
+#[test]
+fn a_sender_killed_during_a_first_sync_loses_nothing() {
+    killed_during_a_first_sync(A);
+}
+
+/// A's seeded tree of 4,000 files reaches B, whose backing folder starts empty; `victim` is
+/// killed once B has an eighth of it, then started again; the trees must end equal, with every
+/// file once, no conflict copy and nothing left of the interrupted transfers.
+fn killed_during_a_first_sync(victim: usize) {
     const DIRS: usize = 20;
     const FILES: usize = 200;
     let mut o = opts();
@@ -784,10 +798,13 @@ fn a_receiver_killed_during_a_first_sync_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    p.kill9(B);
+    p.kill9(victim);
     let at_kill = bulk_files_in(&b_backing);
-    eprintln!("B had {at_kill} of {all} files when it was killed");
-    p.restart(B);
+    eprintln!(
+        "B had {at_kill} of {all} files when {} was killed",
+        p.name(victim)
+    );
+    p.restart(victim);
     let tree = p.wait_trees_equal(&[A, B], SYNC * 2);
     let files = tree
         .keys()
