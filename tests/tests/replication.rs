@@ -1,6 +1,7 @@
 //! Replication between real peers on loopback (issue 8): content written through one drive
 //! appears identical on the others after close; namespace operations follow in order; removals
-//! land in the trash; temp and owner files never travel; an offline peer catches up.
+//! land in the trash; temp and owner files never travel; an offline peer catches up; a receiver
+//! whose disk is full is reported and catches up once it has room.
 //!
 //! Every wait is bounded and polls a condition; nothing sleeps for a fixed time to let
 //! replication happen.
@@ -448,4 +449,74 @@ fn small_changes_are_not_held_up_by_a_large_transfer() {
     wait_content(&p, B, "big/video.bin", &big);
     wait_content(&p, B, "big/readme.txt", b"beside the video");
     wait_gone(&p, B, "note.txt");
+}
+
+/// Resizes the tmpfs mounted at `path` (`mount -o remount,size=SIZE`).
+fn resize_tmpfs(path: &Path, size: u64) -> io::Result<()> {
+    let c = |s: &str| std::ffi::CString::new(s).map_err(io::Error::other);
+    let target = c(&path.to_string_lossy())?;
+    let fstype = c("tmpfs")?;
+    let data = c(&format!("size={size}"))?;
+    // SAFETY: valid NUL-terminated strings for the duration of the call.
+    let r = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_REMOUNT,
+            data.as_ptr().cast(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// B's disk fills up while A's files arrive: A reports B's "no space" error and keeps the
+/// rest queued, B holds only whole files (each with A's content), and once B has room again
+/// everything arrives.
+#[test]
+fn a_receiver_whose_disk_is_full_reports_it_and_catches_up_once_there_is_room() {
+    let mut o = PeersOptions::default();
+    o.drive.backing_tmpfs = Some(64 << 20);
+    let p = Peers::start_with(2, o);
+    let b_backing = p.backing_file(B, "");
+    resize_tmpfs(&b_backing, 1 << 20).expect("shrink B's backing filesystem to 1 MiB");
+    let files: Vec<(String, Vec<u8>)> = (0..24)
+        .map(|i| (format!("big/f{i}.bin"), pseudo_random(128 * 1024, 7000 + i)))
+        .collect();
+    fs::create_dir(p.file(A, "big")).expect("mkdir");
+    for (name, content) in &files {
+        fs::write(p.file(A, name), content).expect("write on A");
+    }
+    let error = wait_until("A reports B's full disk", SYNC * 3, || {
+        let st = p.status(A)?;
+        let peers = st["peers"].as_array().cloned().unwrap_or_default();
+        peers
+            .iter()
+            .find_map(|x| x["replication_error"].as_str().map(str::to_string))
+            .filter(|e| e.contains("space"))
+            .ok_or_else(|| format!("{peers:?}"))
+    });
+    eprintln!("A reports: {error}");
+    // Whatever B has is whole: a file is there with A's content or not at all.
+    let mut whole = 0;
+    for (name, content) in &files {
+        match read(&p.backing_file(B, name)) {
+            Ok(got) => {
+                assert!(got == *content, "{name} on B: {} bytes, not A's", got.len());
+                whole += 1;
+            }
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::NotFound, "{name} on B: {e}"),
+        }
+    }
+    assert!(whole < files.len(), "all {whole} files fit into 1 MiB?");
+    let queued = p.status(A).expect("status")["peers"][0]["queue"].as_u64();
+    assert!(queued >= Some(1), "the rest is still queued: {queued:?}");
+    resize_tmpfs(&b_backing, 64 << 20).expect("give B's backing filesystem room again");
+    for (name, content) in &files {
+        wait_content(&p, B, name, content);
+    }
 }
