@@ -234,6 +234,8 @@ struct Inflight {
     done: bool,
     /// For content: the file and the manifest the receiver will hold once it acks.
     acked: Option<(FileId, Hash)>,
+    /// The record's path, for the error shown when the peer refuses it.
+    path: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -1273,6 +1275,7 @@ impl Inner {
                     seq: rec.seq,
                     done: false,
                     acked: None,
+                    path: rec.path.clone(),
                 });
                 // Kept until the record is acknowledged: a record refused twice for different
                 // reasons (a rename whose source is missing, then a base the peer lacks) needs
@@ -2036,6 +2039,12 @@ impl Inner {
                 error,
                 retry: false,
             } => {
+                // Said as the peer's, with the path: it is the peer's disk, or its refusal.
+                let error = format!(
+                    "{} refused {}: {error}",
+                    p.name,
+                    String::from_utf8_lossy(&st.inflight[pos].path)
+                );
                 tracing::error!(peer = %p.name, seq, "replication: the peer refused a change for good: {error}");
                 // What the change would have brought is compared again once things are quiet.
                 st.recon.compare_soon();
@@ -2047,7 +2056,12 @@ impl Inner {
                 st.side.remove(&seq);
             }
             AckOutcome::Failed { error, retry: true } => {
-                tracing::warn!(peer = %p.name, seq, "replication: the peer could not apply a change: {error}; retrying");
+                let error = format!(
+                    "{} could not apply {}: {error}",
+                    p.name,
+                    String::from_utf8_lossy(&st.inflight[pos].path)
+                );
+                tracing::warn!(peer = %p.name, seq, "replication: {error}; retrying");
                 st.backoff = (st.backoff * 2)
                     .max(Duration::from_millis(200))
                     .min(self.cfg.max_backoff);

@@ -500,7 +500,9 @@ fn a_receiver_whose_disk_is_full_reports_it_and_catches_up_once_there_is_room() 
             .filter(|e| e.contains("space"))
             .ok_or_else(|| format!("{peers:?}"))
     });
-    eprintln!("A reports: {error}");
+    // Said as B's trouble, with the file: not to be taken for A's own disk.
+    let whose = format!("{} could not apply big/f", p.name(B));
+    assert!(error.starts_with(&whose), "{error:?} names B and the file");
     // Whatever B has is whole: a file is there with A's content or not at all.
     let mut whole = 0;
     for (name, content) in &files {
