@@ -617,16 +617,26 @@ pub fn umount2(path: impl AsRef<Path>, flags: i32) -> io::Result<()> {
 
 /// `mount -t tmpfs -o size=BYTES,mode=0755 tmpfs PATH`.
 pub fn mount_tmpfs(path: impl AsRef<Path>, size: u64) -> io::Result<()> {
+    tmpfs(path, &format!("size={size},mode=0755"), 0)
+}
+
+/// `mount -o remount,size=BYTES PATH` of a tmpfs: a full disk made, or made roomy again, under
+/// a running drive.
+pub fn resize_tmpfs(path: impl AsRef<Path>, size: u64) -> io::Result<()> {
+    tmpfs(path, &format!("size={size}"), libc::MS_REMOUNT)
+}
+
+fn tmpfs(path: impl AsRef<Path>, opts: &str, flags: libc::c_ulong) -> io::Result<()> {
     let p = cstr(path);
     let src = name_cstr("tmpfs");
-    let opts = name_cstr(&format!("size={size},mode=0755"));
+    let opts = name_cstr(opts);
     // SAFETY: all strings are valid NUL-terminated strings for the duration of the call.
     check(unsafe {
         libc::mount(
             src.as_ptr(),
             p.as_ptr(),
             src.as_ptr(),
-            0,
+            flags,
             opts.as_ptr().cast::<libc::c_void>(),
         )
     })

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use peerfs_tests::peers::{Peers, PeersOptions, wait_until};
+use peerfs_tests::sys;
 
 const A: usize = 0;
 const B: usize = 1;
@@ -451,29 +452,6 @@ fn small_changes_are_not_held_up_by_a_large_transfer() {
     wait_gone(&p, B, "note.txt");
 }
 
-/// Resizes the tmpfs mounted at `path` (`mount -o remount,size=SIZE`).
-fn resize_tmpfs(path: &Path, size: u64) -> io::Result<()> {
-    let c = |s: &str| std::ffi::CString::new(s).map_err(io::Error::other);
-    let target = c(&path.to_string_lossy())?;
-    let fstype = c("tmpfs")?;
-    let data = c(&format!("size={size}"))?;
-    // SAFETY: valid NUL-terminated strings for the duration of the call.
-    let r = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_REMOUNT,
-            data.as_ptr().cast(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// B's disk fills up while A's files arrive: A reports B's "no space" error and keeps the
 /// rest queued, B holds only whole files (each with A's content), and once B has room again
 /// everything arrives.
@@ -483,7 +461,7 @@ fn a_receiver_whose_disk_is_full_reports_it_and_catches_up_once_there_is_room() 
     o.drive.backing_tmpfs = Some(64 << 20);
     let p = Peers::start_with(2, o);
     let b_backing = p.backing_file(B, "");
-    resize_tmpfs(&b_backing, 1 << 20).expect("shrink B's backing filesystem to 1 MiB");
+    sys::resize_tmpfs(&b_backing, 1 << 20).expect("shrink B's backing filesystem to 1 MiB");
     let files: Vec<(String, Vec<u8>)> = (0..24)
         .map(|i| (format!("big/f{i}.bin"), pseudo_random(128 * 1024, 7000 + i)))
         .collect();
@@ -517,7 +495,7 @@ fn a_receiver_whose_disk_is_full_reports_it_and_catches_up_once_there_is_room() 
     assert!(whole < files.len(), "all {whole} files fit into 1 MiB?");
     let queued = p.status(A).expect("status")["peers"][0]["queue"].as_u64();
     assert!(queued >= Some(1), "the rest is still queued: {queued:?}");
-    resize_tmpfs(&b_backing, 64 << 20).expect("give B's backing filesystem room again");
+    sys::resize_tmpfs(&b_backing, 64 << 20).expect("give B's backing filesystem room again");
     for (name, content) in &files {
         wait_content(&p, B, name, content);
     }
