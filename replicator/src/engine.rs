@@ -234,8 +234,6 @@ struct Inflight {
     done: bool,
     /// For content: the file and the manifest the receiver will hold once it acks.
     acked: Option<(FileId, Hash)>,
-    /// The record's path, for the error shown when the peer refuses it.
-    path: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -1275,7 +1273,6 @@ impl Inner {
                     seq: rec.seq,
                     done: false,
                     acked: None,
-                    path: rec.path.clone(),
                 });
                 // Kept until the record is acknowledged: a record refused twice for different
                 // reasons (a rename whose source is missing, then a base the peer lacks) needs
@@ -2040,11 +2037,7 @@ impl Inner {
                 retry: false,
             } => {
                 // Said as the peer's, with the path: it is the peer's disk, or its refusal.
-                let error = format!(
-                    "{} refused {}: {error}",
-                    p.name,
-                    String::from_utf8_lossy(&st.inflight[pos].path)
-                );
+                let error = format!("{} refused {}: {error}", p.name, self.record_path(p, seq));
                 tracing::error!(peer = %p.name, seq, "replication: the peer refused a change for good: {error}");
                 // What the change would have brought is compared again once things are quiet.
                 st.recon.compare_soon();
@@ -2059,7 +2052,7 @@ impl Inner {
                 let error = format!(
                     "{} could not apply {}: {error}",
                     p.name,
-                    String::from_utf8_lossy(&st.inflight[pos].path)
+                    self.record_path(p, seq)
                 );
                 tracing::warn!(peer = %p.name, seq, "replication: {error}; retrying");
                 st.backoff = (st.backoff * 2)
@@ -2130,6 +2123,17 @@ impl Inner {
 
     /// The peer acked version `hash` of `id`, which was not kept as sent (a huge file): it is
     /// the file's current or previous version, if either still matches.
+    /// The path of record `seq` of `p`'s queue, for messages (a refused record is still there).
+    fn record_path(&self, p: &Peer, seq: u64) -> String {
+        match self.store.peek_from(&p.key, seq, 1) {
+            Ok(recs) => match recs.first().filter(|r| r.seq == seq) {
+                Some(r) => String::from_utf8_lossy(&r.path).into_owned(),
+                None => format!("record {seq}"),
+            },
+            Err(_) => format!("record {seq}"),
+        }
+    }
+
     fn promote_current(&self, peer: &PeerKey, id: FileId, hash: &Hash) {
         let current_hash = self
             .store
