@@ -2121,8 +2121,6 @@ impl Inner {
         self.check_waiters();
     }
 
-    /// The peer acked version `hash` of `id`, which was not kept as sent (a huge file): it is
-    /// the file's current or previous version, if either still matches.
     /// The path of record `seq` of `p`'s queue, for messages (a refused record is still there).
     fn record_path(&self, p: &Peer, seq: u64) -> String {
         match self.store.peek_from(&p.key, seq, 1) {
@@ -2134,6 +2132,8 @@ impl Inner {
         }
     }
 
+    /// The peer acked version `hash` of `id`, which was not kept as sent (a huge file): it is
+    /// the file's current or previous version, if either still matches.
     fn promote_current(&self, peer: &PeerKey, id: FileId, hash: &Hash) {
         let current_hash = self
             .store
