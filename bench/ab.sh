@@ -6,8 +6,8 @@
 #   bench/ab.sh N BIN_A BIN_B [BIN...]
 #
 # Each run is `RECON_REPS=1 RECON_CASES=initial bench/reconcile.sh` with PEERFS_BIN set (rsync
-# runs too; its time is printed beside). RECON_BENCH_DIR defaults to /var/tmp/peerfs-ab-bench;
-# other RECON_* settings pass through. Needs root, like bench/reconcile.sh.
+# runs too; its time is printed beside). RECON_BENCH_DIR defaults to /var/tmp/peerfs-ab-bench,
+# RECON_RSYNC_FSYNC to 0; other RECON_* settings pass through. Needs root, like bench/reconcile.sh.
 set -euo pipefail
 (($# >= 3)) || { echo "usage: $0 ROUNDS BIN_A BIN_B [BIN...]" >&2; exit 2; }
 rounds=$1
@@ -17,6 +17,8 @@ for b in "$@"; do
     [[ -x $b ]] || { echo "$0: not an executable: $b" >&2; exit 2; }
 done
 export RECON_BENCH_DIR=${RECON_BENCH_DIR:-/var/tmp/peerfs-ab-bench}
+# rsync --fsync (5 s a run here) compares nothing between builds.
+export RECON_RSYNC_FSYNC=${RECON_RSYNC_FSYNC:-0}
 bins=("$@")
 sums=()
 for ((i = 1; i <= rounds; i++)); do

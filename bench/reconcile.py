@@ -483,9 +483,9 @@ STAT_RE = {
 }
 
 
-def rsync(src, url):
-    """`rsync -a --stats SRC/ URL/`: bytes both ways and wall time."""
-    cmd = ["rsync", "-a", "--stats", src.rstrip("/") + "/", url]
+def rsync(src, url, extra=()):
+    """`rsync -a --stats [EXTRA] SRC/ URL/`: bytes both ways and wall time."""
+    cmd = ["rsync", "-a", "--stats", *extra, src.rstrip("/") + "/", url]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     dt = time.time() - t0
@@ -611,6 +611,19 @@ class Bench:
         self.sample(case, "rsync_sync_s", synced)
         progress(f"  rsync  rep {rep}: {fmt_int(r['bytes'])} B, {r['s']:.2f} s "
                  f"(then sync(1) {synced:.2f} s)")
+        if not self.args.rsync_fsync:
+            return
+        # The like-for-like copy: peerfs acknowledges a file only once it is durable, which
+        # plain rsync never waits for. `--fsync` makes rsync's receiver fsync every file.
+        dst = os.path.join(self.rsync_dst, "initial-fsync")
+        retire(dst)
+        subprocess.run(["sync"], check=True, timeout=600)
+        r = rsync(src, self.url + "initial-fsync/", ["--fsync"])
+        diffs = compare_trees(src, dst)
+        if diffs:
+            self.failures.append(f"(1) rsync --fsync rep {rep}: the copy differs: {diffs}")
+        self.sample(case, "rsync_fsync_s", r["s"])
+        progress(f"  rsync --fsync rep {rep}: {fmt_int(r['bytes'])} B, {r['s']:.2f} s")
 
     def wait_scan(self, peer, files):
         """The peer's reconcile.scan once it has counted `files` files, or has reported a time
@@ -863,6 +876,14 @@ def report(bench, pressure):
         "scan": scan_text(get("initial", "scan_a")) + " (A)",
         "target": "-" if i_p is None else f"≤ rsync time: {verdict(i_p <= i_r)}",
     })
+    i_f = median(get("initial", "rsync_fsync_s"))
+    if i_f is not None:
+        rows.append({
+            "case": "(1) the same, rsync with `--fsync` (every copy durable, as peerfs's)",
+            "pwire": "", "rbytes": "", "bratio": "", "ps": fmt_s(i_p), "rs": fmt_s(i_f),
+            "tratio": "-" if i_p is None or not i_f else f"{i_p / i_f:.2f}",
+            "scan": "", "target": "(for comparison)",
+        })
     f_p, f_w = median(get("first", "peerfs_s")), median(get("first", "peerfs_wire"))
     rows.append({
         "case": f"first meeting of two identical {ntree:,}-file trees{shape} (setup of (2))",
@@ -929,7 +950,8 @@ def report(bench, pressure):
         f"starting peer's log to the first poll of B's backing folder that sees the whole tree "
         f"((1), every 20 ms) or the changed file (every 2 ms) with B reporting A in sync ((2); "
         f"status read from the control socket every 10 ms once the file is there). rsync time: "
-        f"wall time of the command, which ends without fsync.")
+        f"wall time of the command, which ends without fsync (with `--fsync`, where reported, "
+        f"its receiver fsyncs each file before renaming it into place).")
     extra = []
     mp = median(get("initial", "peerfs_from_mount_s"))
     if mp is not None:
@@ -1041,6 +1063,8 @@ def main():
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--markdown", help="also write the markdown report here")
     p.add_argument("--json", help="write every sample here")
+    p.add_argument("--rsync-fsync", action="store_true",
+                   help="(1) also times `rsync -a --fsync` into a second folder")
     p.set_defaults(func=cmd_measure)
     args = ap.parse_args()
     if args.cmd == "measure" and (args.reps < 1 or args.files < FILES_PER_DIR

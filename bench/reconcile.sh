@@ -25,6 +25,9 @@
 #   RECON_CASES      which parts to run: "initial", "reconnect" or both (default)
 #   RECON_TIMEOUT    seconds a sync may take before it counts as not done (default 300)
 #   RECON_LOG_LEVEL  log_level of the peers (default info)
+#   RECON_RSYNC_FSYNC 1 (default): (1) also times `rsync -a --fsync` (every copy durable
+#                    before rsync moves on, as peerfs's are before it acknowledges them; about
+#                    5 s more per repetition here); 0: plain rsync only
 #   RECON_LOOP       1 (default): the trees live on a fresh ext4 file system (with its journal,
 #                    as servers have) in an image in RECON_BENCH_DIR, mounted by loop; 0: on
 #                    RECON_BENCH_DIR's own file system. This machine's disk is ext4 without a
@@ -38,7 +41,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export LC_ALL=C
 COMMAND=""
 for v in RECON_BENCH_DIR RECON_REPS RECON_FILES BIG RECON_FLAT RECON_CASES RECON_TIMEOUT \
-    RECON_LOG_LEVEL RECON_LOOP; do
+    RECON_LOG_LEVEL RECON_LOOP RECON_RSYNC_FSYNC; do
     if [[ -n "${!v:-}" ]]; then
         COMMAND+="$v=$(printf '%q' "${!v}") "
     fi
@@ -53,6 +56,7 @@ RUN_CASES=${RECON_CASES:-initial reconnect}
 TIMEOUT=${RECON_TIMEOUT:-300}
 LOG_LEVEL=${RECON_LOG_LEVEL:-info}
 LOOP=${RECON_LOOP:-1}
+RSYNC_FSYNC=${RECON_RSYNC_FSYNC:-1}
 PY=$ROOT/bench/reconcile.py
 
 die() {
@@ -73,6 +77,7 @@ done
 [[ $BIG == 0 || $BIG == 1 ]] || die "BIG must be 0 or 1"
 [[ $FLAT == 0 || $FLAT == 1 ]] || die "RECON_FLAT must be 0 or 1"
 [[ $LOOP == 0 || $LOOP == 1 ]] || die "RECON_LOOP must be 0 or 1"
+[[ $RSYNC_FSYNC == 0 || $RSYNC_FSYNC == 1 ]] || die "RECON_RSYNC_FSYNC must be 0 or 1"
 if [[ $LOOP == 1 ]]; then
     for tool in mkfs.ext4 mount umount truncate; do
         command -v "$tool" >/dev/null || die "$tool not found (or set RECON_LOOP=0)"
@@ -85,6 +90,8 @@ for c in "${RUN_CASES[@]}"; do
 done
 FLAT_ARG=()
 [[ $FLAT == 1 ]] && FLAT_ARG=(--flat)
+FSYNC_ARG=()
+[[ $RSYNC_FSYNC == 1 ]] && FSYNC_ARG=(--rsync-fsync)
 if [[ $BIG == 1 ]]; then
     TREE_DIRS=1000
 else
@@ -187,10 +194,10 @@ for d in "${CASES[@]}" rsync retired; do
 done
 
 # Disk: the reconnection tree four times (A, B, rsync's source and target), the initial tree
-# three times and twice more per repetition (retired copies), 4 KiB blocks per file, plus room
-# for the peers' state.
+# three times and two or three times more per repetition (retired copies), 4 KiB blocks per
+# file, plus room for the peers' state.
 avail_mib=$(($(df --output=avail -k "$BENCH_DIR" | tail -n 1) / 1024))
-need_mib=$(((TREE_DIRS * 100 * 4 + FILES * (3 + 2 * REPS)) * 4 / 1024 + 2048))
+need_mib=$(((TREE_DIRS * 100 * 4 + FILES * (3 + (2 + RSYNC_FSYNC) * REPS)) * 4 / 1024 + 2048))
 ((avail_mib >= need_mib)) || die "$BENCH_DIR has $avail_mib MiB free; this run needs about $need_mib MiB"
 
 if [[ $LOOP == 1 ]]; then
@@ -241,7 +248,7 @@ echo "measuring: initial sync of $FILES files, reconnection in a $((TREE_DIRS * 
 # In the background and waited for, so that Ctrl-C or SIGTERM reaches the trap at once.
 python3 "$PY" measure --peerfs "$PEERFS" --dir "$WORK" \
     --rsync-url "rsync://127.0.0.1:$RSYNC_PORT/bench/" \
-    --reps "$REPS" --files "$FILES" --tree-dirs "$TREE_DIRS" "${FLAT_ARG[@]}" \
+    --reps "$REPS" --files "$FILES" --tree-dirs "$TREE_DIRS" "${FLAT_ARG[@]}" "${FSYNC_ARG[@]}" \
     --cases "${RUN_CASES[@]}" --timeout "$TIMEOUT" \
     --log-level "$LOG_LEVEL" --command "$COMMAND" \
     --note "peerfs $REV (release build); peers A and B on 127.0.0.1 (pinned TLS 1.3), every [locks], [network], [drive] and [replication] key at its default. $(rsync --version | head -n 1 | sed 's/  */ /g'), daemon on 127.0.0.1, \`rsync -a --stats\`. Backing folders and rsync's folders on $FS_NOTE." \
