@@ -34,6 +34,10 @@ pub struct DriveOptions {
     /// Mount a tmpfs of this many bytes on the backing folder (and on the plain twin) first,
     /// for out-of-space tests.
     pub backing_tmpfs: Option<u64>,
+    /// Put the backing folder on a FUSE filesystem (`bindfs` of a folder beside it; not the
+    /// plain twin's): one that, like FUSE and CIFS mounts generally, makes no unnamed
+    /// (`O_TMPFILE`) files.
+    pub backing_fuse: bool,
 }
 
 impl DriveOptions {
@@ -187,7 +191,8 @@ pub struct Mount {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
-    backing_tmpfs: bool,
+    /// Something is mounted on `backing` (a tmpfs or bindfs), unmounted at drop.
+    backing_mounted: bool,
     /// The `[drive]` table written into the config.
     drive_table: String,
     // Last: removed after Drop has unmounted everything.
@@ -221,10 +226,27 @@ impl Mount {
             fs::create_dir(d).expect("create test folder");
             fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod test folder");
         }
-        let mut backing_tmpfs = false;
+        let mut backing_mounted = false;
         if let Some(size) = opts.backing_tmpfs {
             sys::mount_tmpfs(&backing, size).expect("mount tmpfs on the backing folder");
-            backing_tmpfs = true;
+            backing_mounted = true;
+        }
+        if opts.backing_fuse {
+            let under = root.join("under-backing");
+            fs::create_dir(&under).expect("create the folder under bindfs");
+            let out = Command::new("bindfs")
+                .arg(&under)
+                .arg(&backing)
+                .output()
+                .unwrap_or_else(|e| panic!("bindfs (apt-get install bindfs): {e}"));
+            assert!(
+                out.status.success(),
+                "bindfs {} {}: {}",
+                under.display(),
+                backing.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            backing_mounted = true;
         }
         let config = root.join("peerfs.toml");
         let log = root.join("peerfs.log");
@@ -236,7 +258,7 @@ impl Mount {
             config,
             log,
             child: None,
-            backing_tmpfs,
+            backing_mounted,
             drive_table: opts.drive_table(),
             _dir: dir,
         }
@@ -464,7 +486,7 @@ impl Drop for Mount {
                 break;
             }
         }
-        if self.backing_tmpfs && is_mounted(&self.backing) {
+        if self.backing_mounted && is_mounted(&self.backing) {
             let _ = sys::umount2(&self.backing, libc::MNT_DETACH);
         }
         if !notes.is_empty() || std::thread::panicking() {

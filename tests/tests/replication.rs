@@ -8,7 +8,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -499,4 +499,64 @@ fn a_receiver_whose_disk_is_full_reports_it_and_catches_up_once_there_is_room() 
     for (name, content) in &files {
         wait_content(&p, B, name, content);
     }
+}
+
+/// A backing folder on a filesystem that makes no unnamed files (`O_TMPFILE`), as FUSE and
+/// CIFS mounts generally do not (here bindfs): received files are built under intermediate
+/// names instead, and arrive whole, new names and updates alike, leaving no intermediate
+/// name behind.
+#[test]
+fn a_backing_folder_without_unnamed_files_still_receives() {
+    let mut o = PeersOptions::default();
+    o.drive.backing_fuse = true;
+    let p = Peers::start_with(2, o);
+    // Else this would test the usual path again.
+    let refused = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(p.backing_file(B, ""))
+        .expect_err("B's backing filesystem makes unnamed files");
+    assert_eq!(refused.raw_os_error(), Some(libc::EOPNOTSUPP), "{refused}");
+
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                format!("docs/d{}/f{i}.bin", i % 4),
+                pseudo_random(3000 + i * 97, 400 + i as u64),
+            )
+        })
+        .collect();
+    fs::create_dir(p.file(A, "docs")).expect("mkdir");
+    for d in 0..4 {
+        fs::create_dir(p.file(A, &format!("docs/d{d}"))).expect("mkdir");
+    }
+    for (name, content) in &files {
+        fs::write(p.file(A, name), content).expect("write on A");
+    }
+    for (name, content) in &files {
+        wait_content(&p, B, name, content);
+    }
+    // An update of a name B has (always built under a name) after new names (built unnamed
+    // where the filesystem allows).
+    p.wait_unlocked("docs/d0/f0.bin", SYNC);
+    fs::write(p.file(A, "docs/d0/f0.bin"), b"second version").expect("rewrite on A");
+    wait_content(&p, B, "docs/d0/f0.bin", b"second version");
+
+    let logs = p.logs();
+    assert!(
+        logs.contains("makes no unnamed files"),
+        "B did not say it fell back to named intermediate files:\n{logs}"
+    );
+    let tree = peerfs_tests::tree::snapshot(&p.backing_file(B, ""))
+        .unwrap_or_else(|e| panic!("B's backing tree: {e}"));
+    let left: Vec<&String> = tree
+        .keys()
+        .filter(|k| {
+            k.rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with(".peerfs-tmp-"))
+        })
+        .collect();
+    assert!(left.is_empty(), "intermediate files left on B: {left:?}");
 }
