@@ -4712,6 +4712,11 @@ fn link_unnamed(file: &File, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()>
     }
     // Kernels before 6.10 allow the empty path only with CAP_DAC_READ_SEARCH; the
     // descriptor's /proc link works without it.
+    link_by_proc(file, dir, name)
+}
+
+/// [`link_unnamed`] through the descriptor's `/proc/self/fd` link.
+fn link_by_proc(file: &File, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let proc = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(ioerr)?;
     // SAFETY: valid NUL-terminated paths; the directory descriptor is ours.
     let r = unsafe {
@@ -4908,6 +4913,32 @@ mod tests {
 
     fn rel(s: &str) -> RelPath {
         RelPath::new(s.as_bytes()).expect("valid path")
+    }
+
+    /// Both ways of naming an unnamed file: the direct link and the `/proc` link (taken on
+    /// kernels before 6.10 without CAP_DAC_READ_SEARCH, so not otherwise run here). Neither
+    /// replaces a name that is taken.
+    #[test]
+    fn an_unnamed_file_gets_its_name_either_way_and_never_replaces_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = File::open(dir.path()).expect("open dir");
+        type Link = fn(&File, BorrowedFd<'_>, &CStr) -> io::Result<()>;
+        let ways: [(&CStr, Link); 2] = [(c"direct", link_unnamed), (c"proc", link_by_proc)];
+        for (name, link) in ways {
+            let fd = open_unnamed(d.as_fd()).expect("this filesystem makes unnamed files");
+            let mut f = File::from(fd);
+            std::io::Write::write_all(&mut f, name.to_bytes()).expect("write");
+            link(&f, d.as_fd(), name).expect("link");
+            let got = std::fs::read(dir.path().join(name.to_str().expect("utf8"))).expect("read");
+            assert_eq!(got, name.to_bytes());
+
+            let other = File::from(open_unnamed(d.as_fd()).expect("unnamed"));
+            let e = link(&other, d.as_fd(), name).expect_err("linked over a taken name");
+            assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{e}");
+        }
+        // Nothing else was left in the folder.
+        let names = std::fs::read_dir(dir.path()).expect("list").count();
+        assert_eq!(names, 2);
     }
 
     #[test]
